@@ -1,0 +1,567 @@
+"""RLHF with PPO on the positive-sentiment IMDB task: the config, the data, the rollout, the loop.
+
+A GPT-2 policy with a value head continues the first 2–7 tokens of an IMDB review; a sentiment
+classifier scores the text; PPO raises that score while a KL penalty against a frozen copy of the
+starting policy (the reference model) keeps the text fluent. Step 3 of the InstructGPT recipe.
+
+    python ppo_rlhf.py --device cuda      # the real run: models and data from the Hugging Face Hub
+    python ppo_rlhf.py --tiny             # offline, built in code, learns in well under a minute
+    python ppo_rlhf.py --help             # every flag
+
+One PPO step, with the tutorial's section titles:
+
+    1. rollout     sample a response to a batch of queries        (`rollout`, below)
+    2. score       the reward model scores query + response       (rewards.scores_from_pipeline)
+    3. logprobs    policy log-probs and values, reference log-probs (logprobs.py, value_head.py)
+    4. rewards     KL-shaped per-token rewards                     (rewards.kl_shaped_rewards)
+    5. GAE         advantages and returns, advantages whitened     (gae.compute_gae)
+    6. PPO epochs  clipped loss over shuffled minibatches          (ppo_loss.ppo_loss)
+    7. log         adapt the KL coefficient, print, save           (rewards.AdaptiveKLController)
+
+Tensor layout: queries (B, Q) left-padded, responses (B, T) right-padded, every per-token RL
+tensor (B, T) over the response only, with `response_mask` True at real response tokens.
+
+References:
+  [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences".
+  [2] Ouyang et al. 2022, "Training language models to follow instructions with human feedback".
+  [3] The gpt2-sentiment example of TRL v0.11, whose hyperparameters are the defaults here.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gae import compute_gae, masked_mean, masked_whiten
+from logprobs import align_to_response, build_inputs, entropy_from_logits, gather_logprobs
+from ppo_loss import ppo_loss
+from rewards import KL_KINDS, AdaptiveKLController, FixedKLController, kl_shaped_rewards, scores_from_pipeline
+from value_head import CausalLMWithValueHead
+
+
+def _arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train, on what
+    model: str = _arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
+    reward_model: str = _arg("lvwerra/distilbert-imdb", "text classifier whose logit is the score")
+    reward_label: str = _arg("POSITIVE", "the classifier label whose raw logit is the score")
+    dataset: str = _arg("imdb", "prompts: a Hub dataset, a CSV/JSON/parquet file or a saved dataset")
+    dataset_split: str = _arg("train", "split of the dataset to take prompts from")
+    text_column: str = _arg("text", "column of the dataset holding the review text")
+    min_review_chars: int = _arg(200, "keep only reviews longer than this many characters")
+    tiny: bool = _arg(False, "offline: tiny GPT-2, word vocabulary and lexicon score from tiny.py")
+    # episode shape
+    query_min_len: int = _arg(2, "shortest query, in tokens")
+    query_max_len: int = _arg(7, "longest query, in tokens")
+    response_min_len: int = _arg(4, "shortest response to sample, in tokens")
+    response_max_len: int = _arg(15, "longest response to sample, in tokens")
+    # PPO
+    batch_size: int = _arg(128, "episodes per PPO step")
+    mini_batch_size: int = _arg(128, "episodes per gradient step; must divide batch_size")
+    ppo_epochs: int = _arg(4, "passes over each batch")
+    lr: float = _arg(1.41e-5, "Adam learning rate")
+    init_kl_coef: float = _arg(0.2, "initial KL penalty coefficient β")
+    adaptive_kl: bool = _arg(True, "adapt β towards kl_target (False: keep init_kl_coef)")
+    kl_target: float = _arg(6.0, "target KL per response, in nats, for the adaptive β")
+    kl_horizon: float = _arg(10000.0, "samples over which the adaptive β corrects its error")
+    kl_kind: str = _arg("kl", f"per-token KL estimator: one of {', '.join(KL_KINDS)}")
+    gamma: float = _arg(1.0, "discount γ")
+    lam: float = _arg(0.95, "GAE λ")
+    cliprange: float = _arg(0.2, "PPO ratio clip ε")
+    cliprange_value: float = _arg(0.2, "value clip ε_v around the rollout values")
+    vf_coef: float = _arg(0.1, "weight of the value loss")
+    # run
+    steps: int = _arg(0, "PPO steps to run; 0 = one pass over the prompts")
+    seed: int = _arg(0, "seed for python, numpy and torch")
+    device: str = _arg("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = _arg("fp32", "fp32, or bf16 autocast (log-probs, ratios and losses stay fp32)")
+    reward_batch_size: int = _arg(16, "texts per reward-model forward pass")
+    output_dir: str = _arg("runs/ppo", "where log.jsonl and the checkpoint go")
+    save_every: int = _arg(0, "also save a checkpoint every N steps (0 = only at the end)")
+    sample_every: int = _arg(10, "print a few decoded samples every N steps (0 = never)")
+
+
+TINY_OVERRIDES = dict(
+    tiny=True,
+    batch_size=32,
+    mini_batch_size=16,
+    lr=3e-3,
+    init_kl_coef=0.02,
+    adaptive_kl=False,
+    steps=40,
+    output_dir="runs/tiny",
+    sample_every=10,
+)
+
+
+def tiny_config(**overrides) -> Config:
+    """The `--tiny` configuration: Config defaults, then TINY_OVERRIDES, then `overrides`."""
+    return dataclasses.replace(Config(), **{**TINY_OVERRIDES, **overrides})
+
+
+class ConfigError(Exception):
+    """Bad input; `python ppo_rlhf.py` prints the message as one line and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: device, models, data
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_policy_and_tokenizer(cfg: Config, device):
+    """The policy with its value head, and the tokenizer, padding queries on the left."""
+    if cfg.tiny:
+        import tiny
+
+        tokenizer = tiny.build_tokenizer()
+        policy = CausalLMWithValueHead(tiny.build_policy(tokenizer, cfg.seed))
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        policy = CausalLMWithValueHead.from_pretrained(cfg.model, AutoModelForCausalLM)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks tell pads apart
+    tokenizer.padding_side = "left"
+    return policy.to(device), tokenizer
+
+
+def build_generation_config(tokenizer):
+    """Pure sampling from the policy's own distribution: no top-k, no top-p, no minimum length.
+
+    Set on the model rather than passed per call, so that no default from the checkpoint's
+    generation_config.json (GPT-2's `max_length`, a hub model's `top_k=50`) slips in.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def load_score_fn(cfg: Config, device):
+    """A function from B texts to a (B,) tensor of scores."""
+    if cfg.tiny:
+        import tiny
+
+        return tiny.lexicon_score
+    from transformers import pipeline
+
+    classifier = pipeline("text-classification", model=cfg.reward_model, device=device)
+    labels = list(classifier.model.config.id2label.values())
+    if cfg.reward_label not in labels:
+        raise ConfigError(
+            f"reward model {cfg.reward_model} has no label {cfg.reward_label!r}; its labels are "
+            f"{labels}: choose one with --reward-label"
+        )
+
+    def score_fn(texts):
+        # top_k=None returns every label (sorted by score!), function_to_apply="none" the raw logit.
+        outputs = classifier(
+            texts, top_k=None, function_to_apply="none", truncation=True, batch_size=cfg.reward_batch_size
+        )
+        return scores_from_pipeline(outputs, cfg.reward_label)
+
+    return score_fn
+
+
+def load_review_texts(cfg: Config):
+    """Review texts from a Hub dataset, a local data file or a folder written by save_to_disk."""
+    if cfg.tiny:
+        import tiny
+
+        return list(tiny.REVIEW_OPENINGS)
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = cfg.dataset
+    if os.path.isfile(path):
+        kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(
+            os.path.splitext(path)[1].lower()
+        )
+        if kind is None:
+            raise ConfigError(f"--dataset {path}: use a .csv, .json, .jsonl or .parquet file")
+        data = load_dataset(kind, data_files=path, split="train")
+    elif any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+        data = load_from_disk(path)  # a folder written by Dataset.save_to_disk
+    else:
+        data = load_dataset(path, split=cfg.dataset_split)
+    if isinstance(data, DatasetDict):
+        data = data[cfg.dataset_split]
+    if cfg.text_column not in data.column_names:
+        raise ConfigError(
+            f"dataset {path} has no column {cfg.text_column!r}; its columns are {data.column_names}: "
+            "choose one with --text-column"
+        )
+    return [t for t in data[cfg.text_column] if isinstance(t, str) and len(t) > cfg.min_review_chars]
+
+
+def build_queries(texts, tokenizer, cfg: Config, generator):
+    """Token ids of each query: the first n tokens of a review, n drawn once per review."""
+    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=cfg.query_max_len)["input_ids"]
+    lengths = torch.randint(cfg.query_min_len, cfg.query_max_len + 1, (len(ids),), generator=generator)
+    queries = [row[:n] for row, n in zip(ids, lengths.tolist()) if len(row) >= cfg.query_min_len]
+    if len(queries) < cfg.batch_size:
+        raise ConfigError(
+            f"only {len(queries)} prompts have at least {cfg.query_min_len} tokens, fewer than "
+            f"--batch-size {cfg.batch_size}: lower --batch-size or use a larger dataset"
+        )
+    return queries
+
+
+def left_pad(queries, pad_id: int, device):
+    """Queries of different lengths as one left-padded batch, so that all of them end together.
+
+    Returns:
+        query_ids: (B, Q) long.
+        query_mask: (B, Q) bool, True at real tokens.
+    """
+    Q = max(len(q) for q in queries)
+    query_ids = torch.full((len(queries), Q), pad_id, dtype=torch.long)  # (B, Q)
+    query_mask = torch.zeros((len(queries), Q), dtype=torch.bool)  # (B, Q)
+    for i, q in enumerate(queries):
+        query_ids[i, Q - len(q) :] = torch.tensor(q, dtype=torch.long)
+        query_mask[i, Q - len(q) :] = True
+    return query_ids.to(device), query_mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------
+
+
+def cut_responses(generated: torch.Tensor, lengths: torch.Tensor, eos_id: int):
+    """Cut each generated row at its own sampled length, or right after its first EOS.
+
+    `generate` samples every row up to the longest length asked for, and after a row's EOS fills
+    it with the pad id, which for GPT-2 is EOS again. So the mask is built from lengths, never
+    from `ids != pad_id`: that would drop a real EOS and keep nothing to tell pads apart.
+
+        generated   r0  r1  EOS EOS EOS     asked length 4 → real length 3 (EOS included)
+        generated   r0  r1  r2  r3  r4      asked length 4 → real length 4
+
+    Args:
+        generated: (B, T_gen) tokens sampled after the query.
+        lengths: (B,) long, the response length asked for each row (≤ T_gen unless generation
+            stopped early because every row had ended).
+        eos_id: end-of-sequence token id (also written into the padding).
+
+    Returns:
+        response_ids: (B, T) right-padded with eos_id; T = the longest real length.
+        response_mask: (B, T) bool, True at real response tokens.
+    """
+    B, T_gen = generated.shape
+    is_eos = generated == eos_id  # (B, T_gen)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), T_gen)  # (B,)
+    lengths = torch.minimum(lengths.to(generated.device), first_eos + 1).clamp(max=T_gen)  # (B,)
+    T = int(lengths.max())
+    response_mask = torch.arange(T, device=generated.device) < lengths[:, None]  # (B, T)
+    response_ids = torch.where(response_mask, generated[:, :T], eos_id)  # (B, T)
+    return response_ids, response_mask
+
+
+def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
+    """Phase 1: sample one response per query, all queries in one `generate` call.
+
+    Returns:
+        response_ids: (B, T) right-padded; response_mask: (B, T) bool.
+    """
+    B, Q = query_ids.shape
+    lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (B,))  # (B,)
+    with torch.no_grad(), autocast():
+        generated = policy.generate(
+            input_ids=query_ids, attention_mask=query_mask.long(), max_new_tokens=int(lengths.max())
+        )  # (B, Q + T_gen)
+    return cut_responses(generated[:, Q:], lengths, eos_id)
+
+
+def decode_texts(tokenizer, query_ids, query_mask, response_ids, response_mask):
+    """Query + response of each row as text, without padding or special tokens."""
+    ids = torch.cat([query_ids, response_ids], 1).tolist()  # (B, Q+T) as lists
+    mask = torch.cat([query_mask, response_mask], 1).tolist()
+    return tokenizer.batch_decode(
+        [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask)], skip_special_tokens=True
+    )
+
+
+def forward_logprobs(model, inputs, response_ids, with_values: bool, with_logits: bool = False):
+    """One forward pass over query + response; the response's log-probs (and values, logits).
+
+    Only the last T + 1 positions go through the LM head (`logits_to_keep`), the ones that
+    predict the response (see the diagram in logprobs.py).
+
+    Returns:
+        logprobs: (B, T) fp32; values: (B, T) fp32 or None; logits: (B, T, V) or None.
+    """
+    T = response_ids.shape[1]
+    if with_values:
+        logits, values = model(*inputs, logits_to_keep=T + 1)  # (B, T+1, V), (B, T+1)
+        values = align_to_response(values, T)  # (B, T)
+    else:
+        input_ids, attention_mask, position_ids = inputs
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=T + 1
+        ).logits  # (B, T+1, V)
+        values = None
+    logits = align_to_response(logits, T)  # (B, T, V)
+    logprobs = gather_logprobs(logits, response_ids)  # (B, T)
+    return logprobs, values, (logits if with_logits else None)
+
+
+def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast) -> dict:
+    """Phase 6: `ppo_epochs` passes of shuffled minibatches of the clipped PPO loss.
+
+    Args:
+        batch: (B, ...) tensors: query_ids, query_mask, response_ids, response_mask, logprobs,
+            values, advantages (whitened), returns.
+
+    Returns:
+        The stats of every minibatch of every epoch, averaged.
+    """
+    B = batch["response_ids"].shape[0]
+    totals, n = {}, 0
+    for _ in range(cfg.ppo_epochs):
+        for idx in torch.randperm(B).split(cfg.mini_batch_size):
+            mb = {k: v[idx] for k, v in batch.items()}
+            mask = mb["response_mask"]
+            inputs = build_inputs(mb["query_ids"], mb["query_mask"], mb["response_ids"], mask)
+            with autocast():
+                logprobs, vpred, _ = forward_logprobs(policy, inputs, mb["response_ids"], with_values=True)
+            pg_loss, vf_loss, stats = ppo_loss(
+                logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"],
+                mask, cfg.cliprange, cfg.cliprange_value,
+            )  # fmt: skip
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            stats.update(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), loss=loss.item())
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += 1
+    return {k: v / n for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> None:
+    positive = ["query_min_len", "response_min_len", "batch_size", "mini_batch_size", "ppo_epochs", "lr",
+                "kl_target", "kl_horizon", "reward_batch_size"]  # fmt: skip
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ["steps", "init_kl_coef", "save_every", "sample_every", "cliprange", "cliprange_value", "vf_coef"]:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.mini_batch_size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is not a multiple of --mini-batch-size {cfg.mini_batch_size}"
+        )
+    if cfg.query_max_len < cfg.query_min_len or cfg.response_max_len < cfg.response_min_len:
+        raise ConfigError("each *-max-len must be at least its *-min-len")
+    if cfg.kl_kind not in KL_KINDS:
+        raise ConfigError(f"--kl-kind {cfg.kl_kind!r}: choose one of {', '.join(KL_KINDS)}")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"--dtype {cfg.dtype!r}: choose fp32 or bf16")
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase; waits for the GPU so each phase gets its own time."""
+
+    def __init__(self, device):
+        self.device, self.times, self.last = device, {}, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[phase] = now - self.last
+        self.last = now
+
+
+def main(cfg: Config) -> list:
+    """Train; return the list of per-step stats (also written to `<output_dir>/log.jsonl`)."""
+    from tqdm import tqdm
+
+    validate(cfg)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    bf16 = cfg.dtype == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    policy, tokenizer = load_policy_and_tokenizer(cfg, device)
+    policy.lm.generation_config = build_generation_config(tokenizer)
+    ref_model = copy.deepcopy(policy.lm).eval().requires_grad_(False)  # frozen starting policy
+    score_fn = load_score_fn(cfg, device)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    queries = build_queries(load_review_texts(cfg), tokenizer, cfg, data_gen)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    if cfg.adaptive_kl:
+        kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    else:
+        kl_ctl = FixedKLController(cfg.init_kl_coef)
+    steps_per_pass = len(queries) // cfg.batch_size
+    steps = cfg.steps or steps_per_pass
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    log_path = os.path.join(cfg.output_dir, "log.jsonl")
+    open(log_path, "w").close()
+    print(f"{len(queries)} prompts, {steps} steps of {cfg.batch_size} episodes on {device}")
+
+    history = []
+    order = torch.randperm(len(queries), generator=data_gen)
+    for step in tqdm(range(steps), desc="ppo", dynamic_ncols=True):
+        timer = PhaseTimer(device)
+        if step and step % steps_per_pass == 0:
+            order = torch.randperm(len(queries), generator=data_gen)
+        first = (step % steps_per_pass) * cfg.batch_size
+        query_ids, query_mask = left_pad(
+            [queries[i] for i in order[first : first + cfg.batch_size]], tokenizer.pad_token_id, device
+        )  # (B, Q)
+
+        # 1. rollout: the policy continues every query (tutorial: "The policy generates an output")
+        response_ids, response_mask = rollout(policy, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
+        timer("rollout")
+
+        # 2. score (tutorial: "The reward model calculates a reward for the output")
+        texts = decode_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+        scores = score_fn(texts).to(device)  # (B,)
+        timer("score")
+
+        # 3. logprobs of policy and reference, values (tutorial: "Batched_forward_pass")
+        inputs = build_inputs(query_ids, query_mask, response_ids, response_mask)
+        full_kl = cfg.kl_kind == "full"
+        with torch.no_grad(), autocast():
+            logprobs, values, logits = forward_logprobs(policy, inputs, response_ids, True, with_logits=True)
+            entropy = masked_mean(entropy_from_logits(logits), response_mask).item()
+            logits = logits if full_kl else None
+        with torch.inference_mode(), autocast():
+            ref_logprobs, _, ref_logits = forward_logprobs(ref_model, inputs, response_ids, False, full_kl)
+        ref_logprobs = ref_logprobs.clone()  # out of inference mode, so autograd may read it
+        ref_logits = ref_logits.clone() if full_kl else None
+        timer("forward")
+
+        # 4. KL-shaped rewards (tutorial: "Compute rewards")
+        rewards, non_score_reward, kl = kl_shaped_rewards(
+            scores, logprobs, ref_logprobs, response_mask, kl_ctl.value, cfg.kl_kind, logits, ref_logits
+        )  # (B, T) each
+        del logits, ref_logits
+
+        # 5. GAE: advantages and returns; advantages whitened over the batch
+        advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
+        advantages = masked_whiten(advantages, response_mask)  # (B, T)
+
+        # 6. PPO epochs
+        batch = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                     response_mask=response_mask, logprobs=logprobs, values=values,
+                     advantages=advantages, returns=returns)  # fmt: skip
+        train_stats = ppo_update(policy, optimizer, batch, cfg, autocast)
+        timer("update")
+
+        # 7. log: adapt β to the KL of this batch, print, save
+        mean_kl = kl.sum(1).mean().item()  # KL per response, summed over its tokens
+        kl_coef = kl_ctl.value
+        kl_ctl.update(mean_kl, cfg.batch_size)
+        record = {
+            "step": step + 1,
+            "score": scores.mean().item(),
+            "kl": mean_kl,
+            "kl_coef": kl_coef,
+            "non_score_reward": non_score_reward.sum(1).mean().item(),
+            "entropy": entropy,
+            "response_len": response_mask.sum(1).float().mean().item(),
+            **train_stats,
+            "time": dict(timer.times),
+        }
+        history.append(record)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tqdm.write(format_step(record))
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            per_seq_kl = kl.sum(1).tolist()
+            for text, s, k in list(zip(texts, scores.tolist(), per_seq_kl))[:3]:
+                tqdm.write(f"    score {s:+.2f}  kl {k:+.2f}  | {text!r}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(policy, tokenizer, cfg.output_dir)
+    save_checkpoint(policy, tokenizer, cfg.output_dir)
+    print(f"saved policy, value head and tokenizer to {cfg.output_dir}")
+    return history
+
+
+def format_step(r: dict) -> str:
+    t = r["time"]
+    return (
+        f"step {r['step']:4d}  score {r['score']:+.3f}  kl {r['kl']:+.3f}  β {r['kl_coef']:.4f}  "
+        f"ent {r['entropy']:.2f}  pg {r['pg_loss']:+.4f}  vf {r['vf_loss']:.4f}  "
+        f"clip {r['pg_clipfrac']:.3f}  | s: gen {t['rollout']:.2f} score {t['score']:.2f} "
+        f"fwd {t['forward']:.2f} upd {t['update']:.2f}"
+    )
+
+
+def save_checkpoint(policy, tokenizer, output_dir: str) -> None:
+    """Policy + value head + tokenizer; loads with AutoModelForCausalLM and a text-generation pipeline."""
+    policy.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line, built from Config
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description="RLHF with PPO: make GPT-2 write positive IMDB reviews.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        # SUPPRESS keeps flags that were not given out of the result, so --tiny can fill them.
+        common = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        else:
+            parser.add_argument(flag, type=f.type, **common)
+    given = vars(parser.parse_args(argv))
+    return tiny_config(**given) if given.get("tiny") else dataclasses.replace(Config(), **given)
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    try:
+        main(config)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,181 @@
+"""From a classifier's score to per-token rewards: the score plus a KL penalty.
+
+Tutorial sections: "The reward model calculates a reward for the output" and "Compute rewards".
+
+The reward model gives one number per sequence, the score: here the raw POSITIVE logit of a
+sentiment classifier. PPO needs a reward per token. Following Ziegler et al. (2019), eq. 2,
+
+    R(x, y) = r(x, y) − β · log π(y|x) / ρ(y|x)
+
+with π the policy being trained and ρ the reference model (a frozen copy of the starting policy;
+the tutorial calls it `old_policy`). Spread over the T response tokens:
+
+    non_score_reward_t = −β · kl_t                        for every real response token t
+    rewards_t          = non_score_reward_t + [t = last real token] · score
+
+kl_t estimates the KL divergence contributed by token t. The estimators (`kind`):
+
+    kl    logπ − logρ                 unbiased for KL(π‖ρ) since the tokens were sampled from π;
+                                      a single token's value can be negative
+    abs   |logπ − logρ|               never negative, biased
+    mse   ½ (logπ − logρ)²            never negative, biased; low variance when π ≈ ρ
+    full  Σ_v π(v) (log π(v) − log ρ(v))   exact KL of the next-token distributions (needs both
+                                      models' logits), never negative
+
+β (`kl_coef`) is either fixed or adapted after every batch so that the KL per sequence drifts to a
+target (Ziegler et al. 2019, §2.2):
+
+    e = clip(KL / target − 1, −0.2, 0.2)
+    β ← β · (1 + e · n_steps / horizon)
+
+Legend: B batch, T response length, V vocabulary.
+
+References:
+  [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2 and §2.2.
+  [2] OpenAI lm-human-preferences `train_policy.py`: `non_score_reward`, `rewards`,
+      `AdaptiveKLController`.
+  [3] J. Schulman, "Approximating KL divergence" (2020): the `kl`, `abs` and `mse` estimators.
+"""
+
+import torch
+
+KL_KINDS = ("kl", "abs", "mse", "full")
+
+
+def score_from_labels(output, label: str = "POSITIVE") -> float:
+    """Pick one label's score from a text-classification pipeline's output for one text.
+
+    With `top_k=None` the pipeline returns every label, sorted by score: the POSITIVE entry is
+    first for a positive text and second for a negative one. Reading position [1] (as the
+    tutorial does) therefore returns the NEGATIVE logit for every positive text. Look it up by
+    name instead.
+
+    Args:
+        output: a list of {"label": str, "score": float} dicts, one per label.
+        label: the label whose score to return.
+
+    Returns:
+        The score of `label`.
+
+    Raises:
+        KeyError: `label` is not among the labels, with the labels that are there.
+    """
+    for entry in output:
+        if entry["label"] == label:
+            return float(entry["score"])
+    raise KeyError(f"label {label!r} not in the classifier's labels {[e['label'] for e in output]}")
+
+
+def scores_from_pipeline(outputs, label: str = "POSITIVE") -> torch.Tensor:
+    """One score per text from a batched pipeline call.
+
+    Args:
+        outputs: a list with one `score_from_labels` input per text.
+        label: the label whose score to return.
+
+    Returns:
+        scores: (B,) fp32.
+    """
+    return torch.tensor([score_from_labels(o, label) for o in outputs], dtype=torch.float32)
+
+
+def kl_per_token(logprobs, ref_logprobs, kind: str = "kl", logits=None, ref_logits=None):
+    """Per-token estimate of the KL divergence between policy and reference.
+
+    Args:
+        logprobs: (B, T) log π of the sampled tokens.
+        ref_logprobs: (B, T) log ρ of the same tokens.
+        kind: one of "kl", "abs", "mse", "full" (see the module docstring).
+        logits: (B, T, V) policy logits at the same positions; "full" only.
+        ref_logits: (B, T, V) reference logits; "full" only.
+
+    Returns:
+        kl: (B, T), fp32.
+    """
+    diff = logprobs - ref_logprobs  # (B, T)
+    if kind == "kl":
+        return diff
+    if kind == "abs":
+        return diff.abs()
+    if kind == "mse":
+        return 0.5 * diff.square()
+    if kind == "full":
+        if logits is None or ref_logits is None:
+            raise ValueError('kind="full" needs logits and ref_logits')
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)  # (B, T, V)
+        return (logp.exp() * (logp - ref_logp)).sum(-1)  # (B, T)
+    raise ValueError(f"unknown KL kind {kind!r}; choose one of {KL_KINDS}")
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    kind: str = "kl",
+    logits=None,
+    ref_logits=None,
+):
+    """Per-token rewards: −kl_coef · KL on every real token, plus the score on the last one.
+
+    Args:
+        scores: (B,) one reward-model score per sequence.
+        logprobs: (B, T) log π of the response tokens.
+        ref_logprobs: (B, T) log ρ of the response tokens.
+        response_mask: (B, T) bool, True at real response tokens (a prefix of each row, at least
+            one token long).
+        kl_coef: β, the weight of the KL penalty.
+        kind: the KL estimator, see `kl_per_token`.
+        logits, ref_logits: (B, T, V), for kind="full" only.
+
+    Returns:
+        rewards: (B, T) non_score_reward plus the score at the last real token; 0 at padding.
+        non_score_reward: (B, T) −kl_coef · kl; 0 at padding.
+        kl: (B, T) the per-token KL estimate; 0 at padding.
+    """
+    mask = response_mask.bool()
+    kl = kl_per_token(logprobs, ref_logprobs, kind, logits, ref_logits)  # (B, T)
+    kl = torch.where(mask, kl, 0.0)  # (B, T)
+    non_score_reward = -kl_coef * kl  # (B, T)
+    last = mask.long().sum(1, keepdim=True) - 1  # (B, 1) column of the last real token
+    score_at_last = torch.zeros_like(non_score_reward).scatter(1, last, scores.unsqueeze(1).float())  # (B, T)
+    rewards = non_score_reward + score_at_last  # (B, T)
+    return rewards, non_score_reward, kl
+
+
+class FixedKLController:
+    """β stays at its initial value."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Nothing to do; the signature matches `AdaptiveKLController.update`."""
+
+
+class AdaptiveKLController:
+    """Proportional controller that moves β so the KL per sequence approaches `target`.
+
+    Args:
+        init_kl_coef: β at the start.
+        target: the KL per sequence (in nats, summed over the response) to aim for.
+        horizon: how many samples it takes to correct a given relative error; the gpt2-sentiment
+            run uses 10000, so at batch 128 β moves by at most 0.2 · 128/10000 ≈ 0.26% per step.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Apply β ← β · (1 + clip(KL/target − 1, −0.2, 0.2) · n_steps/horizon).
+
+        Args:
+            current_kl: mean over the batch of the KL summed over each response.
+            n_steps: samples seen since the last update (the batch size).
+        """
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
