@@ -1,0 +1,576 @@
+"""Tests: plain pytest, CPU, no network. Run with `python -m pytest -q test_all.py`.
+
+Hand-computed tiny cases, vectorised code against slow obvious loops, invariants, and end-to-end
+runs of the offline setup and of the real loading path on tiny local folders.
+"""
+
+import ast
+import contextlib
+import inspect
+import json
+import math
+import os
+import re
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+import gae
+import logprobs
+import ppo_loss
+import ppo_rlhf
+import rewards
+import tiny
+import value_head
+from gae import compute_gae, masked_mean, masked_var, masked_whiten
+from logprobs import align_to_response, build_inputs, entropy_from_logits, gather_logprobs, response_logprobs
+from ppo_loss import ppo_loss as ppo_loss_fn
+from rewards import AdaptiveKLController, FixedKLController, kl_per_token, kl_shaped_rewards, score_from_labels
+from value_head import CausalLMWithValueHead
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONCEPT_FILES = ["value_head.py", "logprobs.py", "rewards.py", "gae.py", "ppo_loss.py"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer):
+    # Non-zero biases and larger weights than a fresh init, so that wrong positions show.
+    model = tiny.build_policy(tokenizer, seed=1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def ragged_mask(lengths, T):
+    return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+
+
+# ---------------------------------------------------------------------------------------------
+# The concept files stand alone
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONCEPT_FILES)
+def test_concept_file_imports_only_torch_and_stdlib(name):
+    import sys
+
+    tree = ast.parse(open(os.path.join(HERE, name)).read())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots.add(node.module.split(".")[0])
+    stdlib = sys.stdlib_module_names
+    assert all(r == "torch" or r in stdlib for r in roots), roots
+
+
+def public_functions(module):
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj):
+            yield name, obj
+        elif inspect.isclass(obj):
+            for meth_name, meth in vars(obj).items():
+                meth = getattr(meth, "__func__", meth)  # unwrap classmethod
+                if inspect.isfunction(meth) and (meth_name == "__init__" or not meth_name.startswith("_")):
+                    yield f"{name}.{meth_name}", meth
+
+
+@pytest.mark.parametrize("module", [value_head, logprobs, rewards, gae, ppo_loss])
+def test_docstring_args_match_signatures(module):
+    """The names listed under Args: of each public function are exactly its parameters."""
+    checked = 0
+    for name, fn in public_functions(module):
+        doc = inspect.cleandoc(fn.__doc__ or "")
+        if "Args:" not in doc:
+            continue
+        args_block = re.split(r"\n(?:Returns|Raises):", doc.split("Args:")[1])[0]
+        documented = set()
+        for line in args_block.splitlines():
+            m = re.match(r"    ([\w*][\w, *]*):", line)
+            if m:
+                documented |= {n.strip().lstrip("*") for n in m.group(1).split(",")}
+        params = set(inspect.signature(fn).parameters) - {"self", "cls"}
+        assert documented == params, (name, documented, params)
+        checked += 1
+    assert checked > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# logprobs.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gather_logprobs_hand_case():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [2.0, 2.0]]])  # (1, 2, 2)
+    tokens = torch.tensor([[1, 0]])
+    expected = torch.tensor([[math.log(3 / 4), math.log(1 / 2)]])
+    torch.testing.assert_close(gather_logprobs(logits, tokens), expected)
+
+
+def test_entropy_from_logits_matches_definition():
+    logits = torch.randn(3, 4, 7)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(entropy_from_logits(logits), -(p * p.log()).sum(-1))
+
+
+def test_response_logprobs_equal_a_token_by_token_loop(lm):
+    query, response = [5, 17, 42], [7, 99, 3, 250]
+    ids = torch.tensor([query + response])
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits  # (1, L, V)
+        fast = response_logprobs(logits, torch.tensor([response]))[0]
+        slow = []
+        for t, token in enumerate(response):  # π(r_t | query, r_<t), one prefix at a time
+            prefix = torch.tensor([query + response[:t]])
+            slow.append(torch.log_softmax(lm(input_ids=prefix).logits[0, -1], -1)[token])
+    torch.testing.assert_close(fast, torch.stack(slow), atol=1e-5, rtol=0)
+
+
+def run_padded(lm, queries, responses, pad_id, extra_left=0):
+    B = len(queries)
+    Q = max(map(len, queries)) + extra_left
+    T = max(map(len, responses))
+    q_ids = torch.full((B, Q), pad_id)
+    q_mask = torch.zeros(B, Q, dtype=torch.bool)
+    r_ids = torch.full((B, T), pad_id)
+    r_mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, (q, r) in enumerate(zip(queries, responses)):
+        q_ids[i, Q - len(q) :], q_mask[i, Q - len(q) :] = torch.tensor(q), True
+        r_ids[i, : len(r)], r_mask[i, : len(r)] = torch.tensor(r), True
+    input_ids, attention_mask, position_ids = build_inputs(q_ids, q_mask, r_ids, r_mask)
+    with torch.no_grad():
+        logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    return response_logprobs(logits, r_ids), r_mask
+
+
+def test_padding_changes_nothing(lm):
+    queries = [[5, 17], [8, 9, 10, 11, 12, 13, 14], [300, 2, 77, 4]]
+    responses = [[7, 99, 3, 250, 6], [1, 2, 3, 4], [60, 61, 62, 63, 64, 65, 66, 67]]
+    batched, mask = run_padded(lm, queries, responses, pad_id=0)
+    for i in range(3):
+        alone, _ = run_padded(lm, [queries[i]], [responses[i]], pad_id=0)
+        n = len(responses[i])
+        torch.testing.assert_close(batched[i, :n], alone[0, :n], atol=1e-5, rtol=0)
+    more_pads, _ = run_padded(lm, queries, responses, pad_id=0, extra_left=5)
+    other_pad_id, _ = run_padded(lm, queries, responses, pad_id=123)
+    torch.testing.assert_close(more_pads[mask], batched[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(other_pad_id[mask], batched[mask], atol=1e-5, rtol=0)
+
+
+def test_build_inputs_positions_count_real_tokens():
+    q_ids, q_mask = torch.tensor([[0, 0, 5, 6]]), torch.tensor([[False, False, True, True]])
+    r_ids, r_mask = torch.tensor([[7, 0]]), torch.tensor([[True, False]])
+    input_ids, attention_mask, position_ids = build_inputs(q_ids, q_mask, r_ids, r_mask)
+    assert input_ids.tolist() == [[0, 0, 5, 6, 7, 0]]
+    assert attention_mask.tolist() == [[0, 0, 1, 1, 1, 0]]
+    assert position_ids.tolist() == [[0, 0, 0, 1, 2, 2]]
+
+
+def test_align_to_response_full_and_kept_columns_agree():
+    x = torch.arange(2 * 9).reshape(2, 9)  # (B, Q+T) with Q = 5, T = 4
+    assert align_to_response(x, 4).tolist() == x[:, 5 - 1 : -1].tolist()
+    assert align_to_response(x[:, -5:], 4).tolist() == x[:, 5 - 1 : -1].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# value_head.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_value_head_round_trip_and_plain_lm_load(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = CausalLMWithValueHead(tiny.build_policy(tokenizer, seed=3))
+    with torch.no_grad():
+        model.v_head.weight.normal_()  # a trained head, not the zero init
+        model.v_head.bias.fill_(0.5)
+    model.save_pretrained(str(tmp_path))
+    loaded = CausalLMWithValueHead.from_pretrained(str(tmp_path), AutoModelForCausalLM)
+    ids = torch.randint(2, len(tokenizer), (2, 6))
+    args = (ids, torch.ones_like(ids), torch.arange(6).expand(2, 6))
+    with torch.no_grad():
+        logits, values = model(*args)
+        logits2, values2 = loaded(*args)
+    assert torch.equal(logits, logits2) and torch.equal(values, values2)
+    assert values.abs().sum() > 0
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, logits)
+
+
+def test_value_head_starts_at_zero_and_keeps_last_k(tokenizer):
+    model = CausalLMWithValueHead(tiny.build_policy(tokenizer))
+    ids = torch.randint(2, len(tokenizer), (2, 6))
+    args = (ids, torch.ones_like(ids), torch.arange(6).expand(2, 6))
+    with torch.no_grad():
+        logits, values = model(*args)
+        kept_logits, kept_values = model(*args, logits_to_keep=3)
+    assert logits.shape == (2, 6, len(tokenizer)) and values.shape == (2, 6)
+    assert torch.equal(values, torch.zeros(2, 6))
+    torch.testing.assert_close(kept_logits, logits[:, -3:])
+    assert kept_values.shape == (2, 3)
+
+
+def test_dropout_off_so_ratio_is_one_in_train_mode(tokenizer):
+    model = CausalLMWithValueHead(tiny.build_policy(tokenizer)).train()
+    assert model.lm.config.resid_pdrop > 0  # the config asks for dropout; the wrapper removes it
+    ids = torch.randint(2, len(tokenizer), (4, 8))
+    args = (ids, torch.ones_like(ids), torch.arange(8).expand(4, 8))
+    first, _ = model(*args)
+    second, _ = model(*args)
+    assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------
+# rewards.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_score_picker_reads_the_label_not_the_position():
+    positive_text = [{"label": "POSITIVE", "score": 2.5}, {"label": "NEGATIVE", "score": -2.0}]
+    negative_text = [{"label": "NEGATIVE", "score": 1.5}, {"label": "POSITIVE", "score": -1.2}]
+    assert score_from_labels(positive_text) == 2.5
+    assert score_from_labels(negative_text) == -1.2
+    assert score_from_labels(negative_text, "NEGATIVE") == 1.5
+    scores = rewards.scores_from_pipeline([positive_text, negative_text])
+    assert scores.tolist() == pytest.approx([2.5, -1.2])
+    with pytest.raises(KeyError, match="NEGATIVE"):
+        score_from_labels(positive_text, "LABEL_1")
+
+
+def test_kl_shaped_rewards_hand_case_with_ragged_lengths():
+    scores = torch.tensor([1.0, -2.0])
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, 9.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -0.5, 0.0]])
+    mask = ragged_mask([3, 2], 3)
+    r, nsr, kl = kl_shaped_rewards(scores, lp, ref, mask, kl_coef=0.1)
+    # kl = lp - ref on real tokens: [0.5, 0, -1] and [0.5, -0.5, (pad)]
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, -1.0], [0.5, -0.5, 0.0]]))
+    torch.testing.assert_close(nsr, torch.tensor([[-0.05, 0.0, 0.1], [-0.05, 0.05, 0.0]]))
+    torch.testing.assert_close(r, torch.tensor([[-0.05, 0.0, 1.1], [-0.05, -1.95, 0.0]]))
+
+
+def test_score_lands_on_last_real_token():
+    lengths = [1, 4, 2, 5]
+    mask = ragged_mask(lengths, 5)
+    scores = torch.tensor([3.0, 5.0, 7.0, 11.0])
+    zeros = torch.zeros(4, 5)
+    r, _, _ = kl_shaped_rewards(scores, zeros, zeros, mask, kl_coef=0.2)
+    for i, n in enumerate(lengths):
+        expected = torch.zeros(5)
+        expected[n - 1] = scores[i]
+        assert torch.equal(r[i], expected)
+
+
+def test_kl_estimators_hand_case():
+    lp, ref = torch.tensor([[-1.0, -3.0]]), torch.tensor([[-2.0, -1.0]])
+    assert kl_per_token(lp, ref, "kl").tolist() == [[1.0, -2.0]]
+    assert kl_per_token(lp, ref, "abs").tolist() == [[1.0, 2.0]]
+    assert kl_per_token(lp, ref, "mse").tolist() == [[0.5, 2.0]]
+    with pytest.raises(ValueError):
+        kl_per_token(lp, ref, "nope")
+
+
+def test_full_kl_matches_direct_sum():
+    logits, ref_logits = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    p, q = torch.softmax(logits, -1), torch.softmax(ref_logits, -1)
+    direct = torch.zeros(2, 3)
+    for b in range(2):
+        for t in range(3):
+            direct[b, t] = sum(p[b, t, v] * (p[b, t, v].log() - q[b, t, v].log()) for v in range(11))
+    dummy = torch.zeros(2, 3)
+    torch.testing.assert_close(kl_per_token(dummy, dummy, "full", logits, ref_logits), direct)
+
+
+@pytest.mark.parametrize("kind", ["kl", "abs", "mse", "full"])
+def test_kl_is_zero_when_policy_is_reference(lm, kind):
+    ids = torch.randint(2, 300, (3, 9))
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits
+        ref_logits = lm(input_ids=ids).logits
+    lp = response_logprobs(logits, ids[:, -4:])
+    ref = response_logprobs(ref_logits, ids[:, -4:])
+    _, nsr, kl = kl_shaped_rewards(
+        torch.ones(3), lp, ref, ragged_mask([4, 2, 3], 4), 0.2, kind, logits[:, -5:-1], ref_logits[:, -5:-1]
+    )
+    assert kl.abs().max() < 1e-6 and nsr.abs().max() < 1e-6
+
+
+def test_adaptive_kl_controller_hand_sequence():
+    ctl = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    ctl.update(current_kl=6.0, n_steps=100)  # on target: error 0
+    assert ctl.value == pytest.approx(0.2)
+    ctl.update(current_kl=6.6, n_steps=100)  # error +0.1, inside the clip
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.1 * 0.01))
+    ctl.update(current_kl=60.0, n_steps=100)  # error +9, clipped to +0.2
+    assert ctl.value == pytest.approx(0.2 * 1.001 * 1.002)
+    ctl.update(current_kl=0.0, n_steps=1000)  # error −1, clipped to −0.2
+    assert ctl.value == pytest.approx(0.2 * 1.001 * 1.002 * 0.98)
+    fixed = FixedKLController(0.3)
+    fixed.update(100.0, 128)
+    assert fixed.value == 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# gae.py
+# ---------------------------------------------------------------------------------------------
+
+
+def gae_by_definition(rewards, values, lengths, gamma, lam):
+    """A_t = Σ_l (γλ)^l δ_{t+l}, with V = 0 after the last real token: the O(T²) definition."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        n = lengths[b]
+        v = lambda t: float(values[b, t]) if t < n else 0.0  # noqa: E731
+        deltas = [float(rewards[b, t]) + gamma * v(t + 1) - v(t) for t in range(n)]
+        for t in range(n):
+            adv[b, t] = sum((gamma * lam) ** l * deltas[t + l] for l in range(n - t))
+    return adv
+
+
+def test_gae_matches_definition_on_random_masked_inputs():
+    torch.manual_seed(0)
+    lengths = [7, 1, 4, 5]
+    mask = ragged_mask(lengths, 7)
+    rew = torch.randn(4, 7, dtype=torch.float64)
+    val = torch.randn(4, 7, dtype=torch.float64)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5), (0.99, 0.0)]:
+        adv, ret = compute_gae(rew, val, mask, gamma, lam)
+        expected = gae_by_definition(rew, val, lengths, gamma, lam)
+        torch.testing.assert_close(adv, expected)
+        torch.testing.assert_close(ret, torch.where(mask, expected + val, 0.0))
+
+
+def test_gae_with_gamma_lambda_one_gives_reward_to_go():
+    mask = ragged_mask([3, 2], 3)
+    rew = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    val = torch.randn(2, 3)
+    _, ret = compute_gae(rew, val, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(ret, torch.tensor([[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]))
+
+
+def test_gae_never_reads_padded_values_or_rewards():
+    mask = ragged_mask([3, 1], 4)
+    rew = torch.randn(2, 4)
+    val = torch.randn(2, 4)
+    clean_adv, clean_ret = compute_gae(rew, val, mask, 1.0, 0.95)
+    rew[~mask], val[~mask] = float("nan"), float("nan")
+    adv, ret = compute_gae(rew, val, mask, 1.0, 0.95)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    assert torch.equal(adv, clean_adv) and torch.equal(ret, clean_ret)
+    assert torch.isfinite(masked_whiten(adv, mask)).all()
+
+
+def test_masked_stats_equal_unmasked_stats_on_the_kept_values():
+    x = torch.randn(3, 5)
+    mask = ragged_mask([5, 2, 4], 5)
+    kept = x[mask]
+    torch.testing.assert_close(masked_mean(x, mask), kept.mean())
+    torch.testing.assert_close(masked_var(x, mask), kept.var(unbiased=False))
+    white = masked_whiten(x, mask)
+    torch.testing.assert_close(white[mask], (kept - kept.mean()) / kept.std(unbiased=False), atol=1e-5, rtol=0)
+    assert torch.equal(white[~mask], torch.zeros((~mask).sum()))
+    kept_mean = masked_whiten(x, mask, shift_mean=False)[mask]
+    torch.testing.assert_close(kept_mean.mean(), kept.mean(), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# ppo_loss.py
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_inputs(B=3, T=4):
+    torch.manual_seed(1)
+    return dict(
+        logprobs=-torch.rand(B, T),
+        vpred=torch.randn(B, T),
+        old_values=torch.randn(B, T),
+        advantages=torch.randn(B, T),
+        returns=torch.randn(B, T),
+        response_mask=ragged_mask([4, 2, 3], T),
+    )
+
+
+def test_ratio_is_exactly_one_before_the_first_update():
+    x = loss_inputs()
+    pg, vf, stats = ppo_loss_fn(
+        x["logprobs"], x["old_values"], x["logprobs"].clone(), x["old_values"], x["advantages"], x["returns"],
+        x["response_mask"], 0.2, 0.2,
+    )  # fmt: skip
+    assert stats["ratio_mean"] == 1.0 and stats["ratio_max"] == 1.0
+    assert stats["pg_clipfrac"] == 0.0 and stats["vf_clipfrac"] == 0.0 and stats["approxkl"] == 0.0
+    torch.testing.assert_close(pg, -masked_mean(x["advantages"], x["response_mask"]))
+
+
+@pytest.mark.parametrize(
+    "advantage, ratio, expected_loss, clipped",
+    [
+        (2.0, 1.5, -2.0 * 1.2, True),  # A > 0, ratio above 1 + ε: capped at 1.2
+        (2.0, 0.5, -2.0 * 0.5, False),  # A > 0, ratio below 1 − ε: unclipped term is the max
+        (-2.0, 0.5, 2.0 * 0.8, True),  # A < 0, ratio below 1 − ε: floored at 0.8
+        (-2.0, 1.5, 2.0 * 1.5, False),  # A < 0, ratio above 1 + ε: unclipped term is the max
+    ],
+)
+def test_clipped_policy_loss_hand_cases(advantage, ratio, expected_loss, clipped):
+    one = torch.ones(1, 1)
+    pg, _, stats = ppo_loss_fn(
+        math.log(ratio) * one, 0 * one, 0 * one, 0 * one, advantage * one, 0 * one, one.bool(), 0.2, 0.2
+    )
+    assert pg.item() == pytest.approx(expected_loss)
+    assert stats["pg_clipfrac"] == (1.0 if clipped else 0.0)
+
+
+def test_clipped_value_loss_hand_case():
+    one = torch.ones(1, 2)
+    vpred = torch.tensor([[1.0, 0.1]])  # moved 1.0 (clipped to 0.2) and 0.1 (inside) from 0
+    returns = torch.tensor([[2.0, -1.0]])
+    _, vf, stats = ppo_loss_fn(0 * one, vpred, 0 * one, 0 * one, 0 * one, returns, one.bool(), 0.2, 0.2)
+    # token 1: max((1−2)², (0.2−2)²) = 3.24; token 2: max((0.1+1)², (0.1+1)²) = 1.21
+    assert vf.item() == pytest.approx(0.5 * (3.24 + 1.21) / 2)
+    assert stats["vf_clipfrac"] == 0.5
+
+
+def test_masked_positions_get_exactly_zero_gradient():
+    x = loss_inputs()
+    logprobs = x["logprobs"].clone().requires_grad_()
+    vpred = x["vpred"].clone().requires_grad_()
+    old = x["logprobs"] + 0.3 * torch.randn(3, 4)
+    old[~x["response_mask"]] = float("-inf")  # garbage at padding must not matter
+    pg, vf, _ = ppo_loss_fn(
+        logprobs, vpred, old, x["old_values"], x["advantages"], x["returns"], x["response_mask"], 0.2, 0.2
+    )
+    (pg + 0.1 * vf).backward()
+    mask = x["response_mask"]
+    assert torch.equal(logprobs.grad[~mask], torch.zeros((~mask).sum()))
+    assert torch.equal(vpred.grad[~mask], torch.zeros((~mask).sum()))
+    assert logprobs.grad[mask].abs().sum() > 0 and vpred.grad[mask].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ppo_rlhf.py: rollout, CLI, end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cut_responses_lengths_and_early_eos():
+    eos = 0
+    generated = torch.tensor(
+        [
+            [5, 6, 7, 8, 9],  # no EOS, asked 3 → 3
+            [5, eos, eos, eos, eos],  # EOS second, asked 5 → 2 (EOS counts)
+            [eos, eos, eos, eos, eos],  # EOS first → 1
+            [5, 6, 7, 8, eos],  # EOS at 5, asked 4 → 4 (cut before the EOS)
+        ]
+    )
+    ids, mask = ppo_rlhf.cut_responses(generated, torch.tensor([3, 5, 4, 4]), eos)
+    assert mask.sum(1).tolist() == [3, 2, 1, 4]
+    assert ids.tolist() == [[5, 6, 7, eos], [5, eos, eos, eos], [eos, eos, eos, eos], [5, 6, 7, 8]]
+
+
+def test_batched_rollout_gives_asked_lengths_and_masks(tokenizer):
+    cfg = ppo_rlhf.tiny_config(response_min_len=2, response_max_len=9)
+    policy = CausalLMWithValueHead(tiny.build_policy(tokenizer))
+    policy.lm.generation_config = ppo_rlhf.build_generation_config(tokenizer)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # the last hidden state is the constant u = e_0, so p(EOS) = 0.2 at every step
+        policy.lm.transformer.ln_f.weight.zero_()
+        policy.lm.transformer.ln_f.bias.zero_()
+        policy.lm.transformer.ln_f.bias[0] = 1.0
+        policy.lm.lm_head.weight[:, 0] = 0.0  # tied with the input embeddings; only column 0 matters
+        policy.lm.lm_head.weight[eos, 0] = math.log(0.25 * (len(tokenizer) - 1))
+    queries = [[5, 6], [7, 8, 9, 10], [11], [12, 13, 14], [15, 16], [17], [18, 19, 20, 21, 22], [23, 24]]
+    q_ids, q_mask = ppo_rlhf.left_pad(queries, tokenizer.pad_token_id, "cpu")
+    torch.manual_seed(0)
+    lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (8,))
+    torch.manual_seed(0)
+    r_ids, r_mask = ppo_rlhf.rollout(policy, q_ids, q_mask, cfg, eos, contextlib.nullcontext)
+    n = r_mask.sum(1)
+    for i in range(8):
+        row = r_ids[i, : n[i]].tolist()
+        assert eos not in row[:-1]  # cut right after the first EOS
+        assert n[i] == lengths[i] or row[-1] == eos  # its own sampled length, or an early EOS
+        assert (r_ids[i, n[i] :] == eos).all()
+    assert r_mask.shape == r_ids.shape and r_mask[:, 0].all()
+    assert (n < lengths).any() and (n == lengths).any()  # both cases happened (seeded)
+
+
+def test_cli_help_and_tiny_overrides(capsys):
+    with pytest.raises(SystemExit) as e:
+        ppo_rlhf.parse_args(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    for f in ppo_rlhf.dataclasses.fields(ppo_rlhf.Config):
+        assert "--" + f.name.replace("_", "-") in help_text
+    cfg = ppo_rlhf.parse_args(["--tiny", "--batch-size", "128", "--seed", "3"])
+    assert cfg.tiny and cfg.batch_size == 128 and cfg.seed == 3 and cfg.lr == ppo_rlhf.TINY_OVERRIDES["lr"]
+    assert ppo_rlhf.parse_args([]) == ppo_rlhf.Config()
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    history = ppo_rlhf.main(ppo_rlhf.tiny_config(steps=3, output_dir=str(tmp_path), sample_every=2))
+    assert len(history) == 3
+    lines = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    for r in lines:
+        assert all(math.isfinite(r[k]) for k in ("score", "kl", "pg_loss", "vf_loss", "entropy"))
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference before any update
+    assert os.path.isfile(tmp_path / value_head.VALUE_HEAD_FILE)
+
+
+def test_real_path_on_local_folders(tmp_path):
+    from transformers import AutoModelForCausalLM, pipeline
+
+    policy_dir, reward_dir, csv_path = tiny.save_tiny_world(str(tmp_path / "world"))
+    out = tmp_path / "run"
+    cfg = ppo_rlhf.parse_args(
+        ["--model", policy_dir, "--reward-model", reward_dir, "--dataset", csv_path, "--steps", "2",
+         "--batch-size", "8", "--mini-batch-size", "4", "--lr", "1e-3", "--output-dir", str(out)]
+    )  # fmt: skip
+    history = ppo_rlhf.main(cfg)
+    assert len(history) == 2 and all(math.isfinite(r["score"]) for r in history)
+    lm = AutoModelForCausalLM.from_pretrained(str(out))
+    assert lm.config.vocab_size == len(tiny.VOCAB)
+    generator = pipeline("text-generation", model=str(out))
+    text = generator("this movie", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert text.startswith("this movie")
+
+
+def test_tiny_run_learns_on_three_seeds(tmp_path):
+    for seed in (0, 1, 2):
+        history = ppo_rlhf.main(ppo_rlhf.tiny_config(seed=seed, output_dir=str(tmp_path / str(seed)), sample_every=0))
+        scores = [r["score"] for r in history]
+        assert all(math.isfinite(r["kl"]) for r in history)
+        first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+        assert last >= first + 1.5, (seed, first, last)
+
+
+def test_generation_samples_from_the_distribution_ppo_scores(lm, tokenizer):
+    """Log-probs that `generate` sampled with (left-padded, positions from the mask inside HF)
+    equal the ones the loop recomputes with `build_inputs`: rollout and update see one policy."""
+    policy = CausalLMWithValueHead(lm).eval()
+    policy.lm.generation_config = ppo_rlhf.build_generation_config(tokenizer)
+    q_ids, q_mask = ppo_rlhf.left_pad([[5, 6], [7, 8, 9, 10, 11, 12], [13]], tokenizer.pad_token_id, "cpu")
+    out = policy.generate(
+        input_ids=q_ids, attention_mask=q_mask.long(), max_new_tokens=6, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    generated = out.sequences[:, q_ids.shape[1] :]
+    sampled_with = gather_logprobs(torch.stack(out.logits, 1), generated)  # (B, 6)
+    r_ids, r_mask = ppo_rlhf.cut_responses(generated, torch.tensor([6, 6, 6]), tokenizer.eos_token_id)
+    with torch.no_grad():
+        recomputed, _, _ = ppo_rlhf.forward_logprobs(policy, build_inputs(q_ids, q_mask, r_ids, r_mask), r_ids, True)
+    T = r_ids.shape[1]
+    torch.testing.assert_close(recomputed[r_mask], sampled_with[:, :T][r_mask], atol=1e-5, rtol=0)
