@@ -188,13 +188,16 @@ def load_score_fn(cfg: Config, device):
             f"reward model {cfg.reward_model} has no label {cfg.reward_label!r}; its labels are "
             f"{labels}: choose one with --reward-label"
         )
+    return pipeline_scorer(classifier, cfg.reward_label, cfg.reward_batch_size)
+
+
+def pipeline_scorer(classifier, label: str, batch_size: int):
+    """B texts → (B,) raw logits of `label` from a text-classification pipeline."""
 
     def score_fn(texts):
         # top_k=None returns every label (sorted by score!), function_to_apply="none" the raw logit.
-        outputs = classifier(
-            texts, top_k=None, function_to_apply="none", truncation=True, batch_size=cfg.reward_batch_size
-        )
-        return scores_from_pipeline(outputs, cfg.reward_label)
+        outputs = classifier(texts, top_k=None, function_to_apply="none", truncation=True, batch_size=batch_size)
+        return scores_from_pipeline(outputs, label)
 
     return score_fn
 
@@ -401,6 +404,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--dtype {cfg.dtype!r}: choose fp32 or bf16")
 
 
+def make_optimizer(policy, lr: float):
+    """Adam. `fused=True` updates all parameters in one kernel instead of a Python loop over the
+    ~150 tensors of GPT-2: on a 2-core CPU the step takes 0.09 s instead of 0.36 s (bench.py)."""
+    return torch.optim.Adam(policy.parameters(), lr=lr, fused=True)
+
+
+def make_autocast(device, dtype: str):
+    """A function returning the autocast context: bf16 matmuls for --dtype bf16, a no-op for fp32."""
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    return autocast
+
+
 class PhaseTimer:
     """Wall-clock seconds per phase; waits for the GPU so each phase gets its own time."""
 
@@ -415,6 +433,79 @@ class PhaseTimer:
         self.last = now
 
 
+def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast):
+    """One PPO step on one batch of queries: phases 1 to 7 of the module docstring.
+
+    Args:
+        query_ids, query_mask: (B, Q) left-padded queries.
+        score_fn: B texts → (B,) scores.
+        autocast: a function returning the autocast context (a no-op for fp32).
+
+    Returns:
+        record: the step's stats (what log.jsonl holds), with seconds per phase under "time".
+        trace: every tensor the step computed, by its name in the field (for --explain).
+    """
+    timer = PhaseTimer(query_ids.device)
+
+    # 1. rollout: the policy continues every query (tutorial: "The policy generates an output")
+    response_ids, response_mask = rollout(policy, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
+    timer("rollout")
+
+    # 2. score (tutorial: "The reward model calculates a reward for the output")
+    texts = decode_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+    scores = score_fn(texts).to(query_ids.device)  # (B,)
+    timer("score")
+
+    # 3. logprobs of policy and reference, values (tutorial: "Batched_forward_pass")
+    inputs = build_inputs(query_ids, query_mask, response_ids, response_mask)
+    full_kl = cfg.kl_kind == "full"
+    with torch.no_grad(), autocast():
+        logprobs, values, logits = forward_logprobs(policy, inputs, response_ids, True, with_logits=True)
+        entropy = masked_mean(entropy_from_logits(logits), response_mask).item()
+    logits = logits if full_kl else None
+    with torch.inference_mode(), autocast():
+        ref_logprobs, _, ref_logits = forward_logprobs(ref_model, inputs, response_ids, False, full_kl)
+    ref_logprobs = ref_logprobs.clone()  # out of inference mode, so autograd may read it
+    ref_logits = ref_logits.clone() if full_kl else None
+    timer("forward")
+
+    # 4. KL-shaped rewards (tutorial: "Compute rewards")
+    kl_coef = kl_ctl.value
+    rewards, non_score_reward, kl = kl_shaped_rewards(
+        scores, logprobs, ref_logprobs, response_mask, kl_coef, cfg.kl_kind, logits, ref_logits
+    )  # (B, T) each
+    del logits, ref_logits
+
+    # 5. GAE: advantages and returns; advantages whitened over the batch
+    raw_advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
+    advantages = masked_whiten(raw_advantages, response_mask)  # (B, T)
+
+    # 6. PPO epochs
+    batch = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                 response_mask=response_mask, logprobs=logprobs, values=values,
+                 advantages=advantages, returns=returns)  # fmt: skip
+    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast)
+    timer("update")
+
+    # 7. adapt β to the KL of this batch (logging and saving are the caller's)
+    mean_kl = kl.sum(1).mean().item()  # KL per response, summed over its tokens
+    kl_ctl.update(mean_kl, query_ids.shape[0])
+    record = {
+        "score": scores.mean().item(),
+        "kl": mean_kl,
+        "kl_coef": kl_coef,
+        "non_score_reward": non_score_reward.sum(1).mean().item(),
+        "entropy": entropy,
+        "response_len": response_mask.sum(1).float().mean().item(),
+        **train_stats,
+        "time": dict(timer.times),
+    }
+    trace = dict(texts=texts, scores=scores, ref_logprobs=ref_logprobs, kl=kl, rewards=rewards,
+                 non_score_reward=non_score_reward, raw_advantages=raw_advantages,
+                 kl_coef_after=kl_ctl.value, **batch)  # fmt: skip
+    return record, trace
+
+
 def main(cfg: Config) -> list:
     """Train; return the list of per-step stats (also written to `<output_dir>/log.jsonl`)."""
     from tqdm import tqdm
@@ -425,10 +516,7 @@ def main(cfg: Config) -> list:
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    bf16 = cfg.dtype == "bf16"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = make_autocast(device, cfg.dtype)
 
     policy, tokenizer = load_policy_and_tokenizer(cfg, device)
     policy.lm.generation_config = build_generation_config(tokenizer)
@@ -436,7 +524,7 @@ def main(cfg: Config) -> list:
     score_fn = load_score_fn(cfg, device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     queries = build_queries(load_review_texts(cfg), tokenizer, cfg, data_gen)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(policy, cfg.lr)
     if cfg.adaptive_kl:
         kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
     else:
@@ -451,75 +539,24 @@ def main(cfg: Config) -> list:
     history = []
     order = torch.randperm(len(queries), generator=data_gen)
     for step in tqdm(range(steps), desc="ppo", dynamic_ncols=True):
-        timer = PhaseTimer(device)
         if step and step % steps_per_pass == 0:
-            order = torch.randperm(len(queries), generator=data_gen)
+            order = torch.randperm(len(queries), generator=data_gen)  # next pass, new order
         first = (step % steps_per_pass) * cfg.batch_size
-        query_ids, query_mask = left_pad(
-            [queries[i] for i in order[first : first + cfg.batch_size]], tokenizer.pad_token_id, device
-        )  # (B, Q)
+        batch_queries = [queries[i] for i in order[first : first + cfg.batch_size]]
+        query_ids, query_mask = left_pad(batch_queries, tokenizer.pad_token_id, device)  # (B, Q)
+        record, trace = ppo_step(
+            policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast
+        )
 
-        # 1. rollout: the policy continues every query (tutorial: "The policy generates an output")
-        response_ids, response_mask = rollout(policy, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
-        timer("rollout")
-
-        # 2. score (tutorial: "The reward model calculates a reward for the output")
-        texts = decode_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
-        scores = score_fn(texts).to(device)  # (B,)
-        timer("score")
-
-        # 3. logprobs of policy and reference, values (tutorial: "Batched_forward_pass")
-        inputs = build_inputs(query_ids, query_mask, response_ids, response_mask)
-        full_kl = cfg.kl_kind == "full"
-        with torch.no_grad(), autocast():
-            logprobs, values, logits = forward_logprobs(policy, inputs, response_ids, True, with_logits=True)
-            entropy = masked_mean(entropy_from_logits(logits), response_mask).item()
-            logits = logits if full_kl else None
-        with torch.inference_mode(), autocast():
-            ref_logprobs, _, ref_logits = forward_logprobs(ref_model, inputs, response_ids, False, full_kl)
-        ref_logprobs = ref_logprobs.clone()  # out of inference mode, so autograd may read it
-        ref_logits = ref_logits.clone() if full_kl else None
-        timer("forward")
-
-        # 4. KL-shaped rewards (tutorial: "Compute rewards")
-        rewards, non_score_reward, kl = kl_shaped_rewards(
-            scores, logprobs, ref_logprobs, response_mask, kl_ctl.value, cfg.kl_kind, logits, ref_logits
-        )  # (B, T) each
-        del logits, ref_logits
-
-        # 5. GAE: advantages and returns; advantages whitened over the batch
-        advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
-        advantages = masked_whiten(advantages, response_mask)  # (B, T)
-
-        # 6. PPO epochs
-        batch = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                     response_mask=response_mask, logprobs=logprobs, values=values,
-                     advantages=advantages, returns=returns)  # fmt: skip
-        train_stats = ppo_update(policy, optimizer, batch, cfg, autocast)
-        timer("update")
-
-        # 7. log: adapt β to the KL of this batch, print, save
-        mean_kl = kl.sum(1).mean().item()  # KL per response, summed over its tokens
-        kl_coef = kl_ctl.value
-        kl_ctl.update(mean_kl, cfg.batch_size)
-        record = {
-            "step": step + 1,
-            "score": scores.mean().item(),
-            "kl": mean_kl,
-            "kl_coef": kl_coef,
-            "non_score_reward": non_score_reward.sum(1).mean().item(),
-            "entropy": entropy,
-            "response_len": response_mask.sum(1).float().mean().item(),
-            **train_stats,
-            "time": dict(timer.times),
-        }
+        # 7. log and save
+        record = {"step": step + 1, **record}
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         tqdm.write(format_step(record))
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            per_seq_kl = kl.sum(1).tolist()
-            for text, s, k in list(zip(texts, scores.tolist(), per_seq_kl))[:3]:
+            per_seq_kl = trace["kl"].sum(1).tolist()
+            for text, s, k in list(zip(trace["texts"], trace["scores"].tolist(), per_seq_kl))[:3]:
                 tqdm.write(f"    score {s:+.2f}  kl {k:+.2f}  | {text!r}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(policy, tokenizer, cfg.output_dir)

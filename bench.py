@@ -1,0 +1,200 @@
+"""Time whole PPO iterations, offline, on random-init weights of the real shapes.
+
+    python bench.py --shape tiny                                 # the --tiny world
+    python bench.py --shape gpt2 --batch-size 16                 # GPT-2 small, 124M parameters
+    python bench.py --shape gpt2 --batch-size 128 --device cuda --dtype bf16
+
+Each iteration is one call of `ppo_rlhf.ppo_step`, the very code the training loop runs:
+rollout (one `generate` call), score, policy + reference forward, PPO update. The speed of these
+phases does not depend on the values of the weights, so random weights give real timings.
+
+- `--shape gpt2`: GPT-2 small (12 layers, 768 wide, 50257-token vocabulary) as the policy and
+  the reference, and a DistilBERT-base-sized classifier (6 layers, 768 wide) scoring through the
+  same `pipeline` call as the real run. The text is made of synthetic tokens `t0 … t50256` from
+  a word-level tokenizer built in code (GPT-2's own BPE files cannot be downloaded here), so
+  decode and re-tokenise cost about what they cost for real text.
+- `--shape tiny`: exactly the `--tiny` world (2-layer GPT-2, lexicon score).
+
+Queries are 2–7 random tokens, responses 4–15 sampled tokens (pure sampling), as in the real
+run. With random weights EOS comes at chance rate (1 in 50257), so responses run to their sampled
+lengths, as they mostly do for the real model.
+
+Reported, as medians over `--iters` iterations after `--warmup`:
+  seconds per phase and per iteration; samples/s and tokens/s (query + response tokens of the
+  batch per second); peak memory (GPU: `max_memory_allocated`; CPU: the process's peak RSS);
+  the share of the matmul peak: the iteration's FLOPs over its time, against the best of a few
+  large matmuls timed in the same run and dtype. FLOPs count the matmuls only (2 per
+  multiply-add; backward = 2 × forward): the transformer blocks on every position, the LM head
+  on the positions the code evaluates it on, the classifier on its tokens. Attention scores
+  (under 1% at these lengths) and element-wise work are not counted.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+import ppo_rlhf
+import tiny
+from value_head import CausalLMWithValueHead
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer over `t0 … t{V-2}` plus GPT-2's `<|endoftext|>` as the last id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size - 1)}
+    vocab[tiny.EOS] = vocab_size - 1
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=tiny.EOS))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=tiny.EOS, eos_token=tiny.EOS, pad_token=tiny.EOS, unk_token=tiny.EOS,
+        model_input_names=["input_ids", "attention_mask"],
+    )  # fmt: skip
+
+
+def build(shape: str, device, cfg):
+    """Policy (with value head), tokenizer, score function and classifier size for a shape."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import pipeline
+
+    if shape == "tiny":
+        tokenizer = tiny.build_tokenizer()
+        lm = tiny.build_policy(tokenizer)
+        return lm, tokenizer, tiny.lexicon_score, 0
+    tokenizer = synthetic_tokenizer(50257)
+    lm = GPT2LMHeadModel(GPT2Config(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256))
+    classifier = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=50257, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    )
+    cls_blocks = sum(p.numel() for p in classifier.distilbert.transformer.parameters())
+    pipe = pipeline("text-classification", model=classifier, tokenizer=tokenizer, device=device)
+    return lm, tokenizer, ppo_rlhf.pipeline_scorer(pipe, "POSITIVE", cfg.reward_batch_size), cls_blocks
+
+
+def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> float:
+    """Matmul FLOPs of one iteration, from the shapes the iteration actually had."""
+    blocks = sum(p.numel() for p in lm.transformer.h.parameters())  # per-position weights
+    head = lm.lm_head.weight.numel()  # V · H
+    B, Q = trace["query_ids"].shape
+    T = trace["response_ids"].shape[1]
+    L = Q + T
+    # generate: prefill Q positions, then one position per new token; LM head on one position each
+    generate = 2 * B * (blocks * L + head * (T + 1))
+    # one pass over query + response with the LM head on the last T + 1 positions
+    one_pass = 2 * B * (blocks * L + head * (T + 1))
+    score = 2 * B * cls_blocks * (L + 2)  # the classifier reads the decoded text (+ CLS, SEP)
+    forward = 2 * one_pass  # policy and reference
+    update = ppo_epochs * 3 * one_pass  # forward + backward (2 ×)
+    return generate + score + forward + update
+
+
+def matmul_peak(device, dtype) -> float:
+    """Best FLOP/s of a few large square matmuls in `dtype` on `device`."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=["tiny", "gpt2"], default="gpt2")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mini-batch-size", type=int, default=0, help="0: same as --batch-size")
+    parser.add_argument("--ppo-epochs", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = ppo_rlhf.resolve_device(args.device)
+    cfg = ppo_rlhf.Config(
+        batch_size=args.batch_size, mini_batch_size=args.mini_batch_size or args.batch_size,
+        ppo_epochs=args.ppo_epochs, device=str(device), dtype=args.dtype, seed=args.seed,
+    )  # fmt: skip
+    ppo_rlhf.validate(cfg)
+    ppo_rlhf.seed_everything(args.seed)
+    lm, tokenizer, score_fn, cls_blocks = build(args.shape, device, cfg)
+    policy = CausalLMWithValueHead(lm).to(device)
+    policy.lm.generation_config = ppo_rlhf.build_generation_config(tokenizer)
+    ref_model = ppo_rlhf.copy.deepcopy(policy.lm).eval().requires_grad_(False)
+    optimizer = ppo_rlhf.make_optimizer(policy, cfg.lr)
+    kl_ctl = ppo_rlhf.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    autocast = ppo_rlhf.make_autocast(device, cfg.dtype)
+    eos = tokenizer.eos_token_id
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    rows = []
+    for i in range(args.warmup + args.iters):
+        lengths = torch.randint(cfg.query_min_len, cfg.query_max_len + 1, (cfg.batch_size,)).tolist()
+        ids = [torch.randint(0, len(tokenizer) - 1, (n,)) for n in lengths]
+        queries = [(q + (q >= eos)).tolist() for q in ids]  # random tokens other than EOS
+        query_ids, query_mask = ppo_rlhf.left_pad(queries, tokenizer.pad_token_id, device)
+        start = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):  # the pipeline's one-time advice on batching
+            record, trace = ppo_rlhf.ppo_step(
+                policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        tokens = int(query_mask.sum() + trace["response_mask"].sum())
+        if i >= args.warmup:
+            rows.append(dict(record["time"], iteration=seconds, tokens=tokens,
+                             flops=iteration_flops(lm, cls_blocks, trace, cfg.ppo_epochs)))  # fmt: skip
+
+    median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    peak = matmul_peak(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    if device.type == "cuda":
+        memory_gb = torch.cuda.max_memory_allocated(device) / 2**30
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+        device_name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    result = {
+        "shape": args.shape, "batch_size": cfg.batch_size, "mini_batch_size": cfg.mini_batch_size,
+        "ppo_epochs": cfg.ppo_epochs, "device": device_name, "dtype": args.dtype, "iters": args.iters,
+        "iteration_s": median["iteration"], "rollout_s": median["rollout"], "score_s": median["score"],
+        "forward_s": median["forward"], "update_s": median["update"],
+        "samples_per_s": cfg.batch_size / median["iteration"], "tokens_per_s": median["tokens"] / median["iteration"],
+        "iteration_tflop": median["flops"] / 1e12, "achieved_gflops": median["flops"] / median["iteration"] / 1e9,
+        "matmul_peak_gflops": peak / 1e9, "share_of_peak": median["flops"] / median["iteration"] / peak,
+        "peak_memory_gib": memory_gb, "torch": torch.__version__,
+    }  # fmt: skip
+    print(f"PPO iteration, {args.shape} shape, batch {cfg.batch_size}/{cfg.mini_batch_size}, "
+          f"{cfg.ppo_epochs} epochs, {args.dtype}, {device_name}: median of {args.iters}")  # fmt: skip
+    for phase in ("rollout", "score", "forward", "update"):
+        print(f"  {phase:<9} {median[phase]:8.3f} s   {median[phase] / median['iteration']:5.1%}")
+    print(f"  {'iteration':<9} {median['iteration']:8.3f} s")
+    print(f"  {result['samples_per_s']:.1f} samples/s, {result['tokens_per_s']:.0f} tokens/s, "
+          f"{result['iteration_tflop']:.3f} TFLOP/iteration at {result['achieved_gflops']:.1f} GFLOP/s = "
+          f"{result['share_of_peak']:.1%} of a {result['matmul_peak_gflops']:.0f} GFLOP/s matmul peak; "
+          f"peak memory {memory_gb:.2f} GiB")  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
