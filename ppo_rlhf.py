@@ -91,6 +91,9 @@ class Config:
     output_dir: str = _arg("runs/ppo", "where log.jsonl and the checkpoint go")
     save_every: int = _arg(0, "also save a checkpoint every N steps (0 = only at the end)")
     sample_every: int = _arg(10, "print a few decoded samples every N steps (0 = never)")
+    eval_prompts: int = _arg(8, "held-out prompts answered by reference and trained policy at the end")
+    explain: bool = _arg(False, "run one PPO step on 4 prompts and print every tensor of every phase")
+    plot: str = _arg("", "redraw <dir>/curves.png from <dir>/log.jsonl and exit")
 
 
 # --tiny: a random-init model learns a word lexicon, so it takes larger steps than a pretrained
@@ -103,6 +106,7 @@ TINY_OVERRIDES = dict(
     init_kl_coef=0.1,
     kl_horizon=200.0,
     steps=40,
+    eval_prompts=4,
     output_dir="runs/tiny",
     sample_every=10,
 )
@@ -344,19 +348,21 @@ def forward_logprobs(model, inputs, response_ids, with_values: bool, with_logits
     return logprobs, values, (logits if with_logits else None)
 
 
-def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast) -> dict:
+def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_log=None) -> dict:
     """Phase 6: `ppo_epochs` passes of shuffled minibatches of the clipped PPO loss.
 
     Args:
         batch: (B, ...) tensors: query_ids, query_mask, response_ids, response_mask, logprobs,
             values, advantages (whitened), returns.
+        minibatch_log: a list to append, per minibatch, the row indices and the tensors and
+            losses the loss was computed from (for --explain); None keeps nothing.
 
     Returns:
         The stats of every minibatch of every epoch, averaged.
     """
     B = batch["response_ids"].shape[0]
     totals, n = {}, 0
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         for idx in torch.randperm(B).split(cfg.mini_batch_size):
             mb = {k: v[idx] for k, v in batch.items()}
             mask = mb["response_mask"]
@@ -372,6 +378,8 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast) -> dict:
             loss.backward()
             optimizer.step()
             stats.update(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), loss=loss.item())
+            if minibatch_log is not None:
+                minibatch_log.append(dict(epoch=epoch, idx=idx, logprobs=logprobs.detach(), vpred=vpred.detach(), **stats))
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
@@ -433,13 +441,36 @@ class PhaseTimer:
         self.last = now
 
 
-def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast):
+def answer_and_score(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, seed: int):
+    """Responses of `model` (policy or reference) to fixed queries, and their scores.
+
+    Sampling uses its own seed inside a forked RNG, so the policy and the reference get the same
+    response lengths and the training's random stream is left as it was.
+
+    Returns:
+        responses: B strings (response only); scores: a list of B floats.
+    """
+    devices = [query_ids.device] if query_ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        response_ids, response_mask = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
+    texts = decode_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+    responses = tokenizer.batch_decode(
+        [row[keep].tolist() for row, keep in zip(response_ids, response_mask)], skip_special_tokens=True
+    )
+    return responses, score_fn(texts).tolist()
+
+
+def ppo_step(
+    policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, explain=False
+):
     """One PPO step on one batch of queries: phases 1 to 7 of the module docstring.
 
     Args:
         query_ids, query_mask: (B, Q) left-padded queries.
         score_fn: B texts → (B,) scores.
         autocast: a function returning the autocast context (a no-op for fp32).
+        explain: also keep every minibatch's tensors in trace["minibatches"].
 
     Returns:
         record: the step's stats (what log.jsonl holds), with seconds per phase under "time".
@@ -484,7 +515,8 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     batch = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
                  response_mask=response_mask, logprobs=logprobs, values=values,
                  advantages=advantages, returns=returns)  # fmt: skip
-    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast)
+    minibatches = [] if explain else None
+    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, minibatches)
     timer("update")
 
     # 7. adapt β to the KL of this batch (logging and saving are the caller's)
@@ -502,7 +534,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     }
     trace = dict(texts=texts, scores=scores, ref_logprobs=ref_logprobs, kl=kl, rewards=rewards,
                  non_score_reward=non_score_reward, raw_advantages=raw_advantages,
-                 kl_coef_after=kl_ctl.value, **batch)  # fmt: skip
+                 kl_coef=kl_coef, kl_coef_after=kl_ctl.value, minibatches=minibatches, **batch)  # fmt: skip
     return record, trace
 
 
@@ -511,6 +543,13 @@ def main(cfg: Config) -> list:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
+    import report
+
+    if cfg.plot:
+        print(report.plot_curves(cfg.plot) or "", end="")
+        return []
+    if cfg.explain:
+        cfg = dataclasses.replace(cfg, batch_size=4, mini_batch_size=4, steps=1, sample_every=0)
     hf_logging.disable_progress_bar()  # one progress bar (ours) is enough
     validate(cfg)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -524,6 +563,9 @@ def main(cfg: Config) -> list:
     score_fn = load_score_fn(cfg, device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     queries = build_queries(load_review_texts(cfg), tokenizer, cfg, data_gen)
+    shuffled = [queries[i] for i in torch.randperm(len(queries), generator=data_gen)]
+    n_eval = 0 if cfg.explain else min(cfg.eval_prompts, len(queries) - cfg.batch_size)
+    eval_queries, queries = shuffled[:n_eval], shuffled[n_eval:]  # held out from training
     optimizer = make_optimizer(policy, cfg.lr)
     if cfg.adaptive_kl:
         kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -534,25 +576,32 @@ def main(cfg: Config) -> list:
     os.makedirs(cfg.output_dir, exist_ok=True)
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
     open(log_path, "w").close()
-    print(f"{len(queries)} prompts, {steps} steps of {cfg.batch_size} episodes on {device}")
+    print(f"{len(queries)} training prompts, {n_eval} held out; {steps} steps of {cfg.batch_size} episodes on {device}")
+    if n_eval:
+        eval_ids, eval_mask = left_pad(eval_queries, tokenizer.pad_token_id, device)
+        before = answer_and_score(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, cfg.seed)
 
     history = []
     order = torch.randperm(len(queries), generator=data_gen)
-    for step in tqdm(range(steps), desc="ppo", dynamic_ncols=True):
+    for step in tqdm(range(steps), desc="ppo", dynamic_ncols=True, disable=cfg.explain):
         if step and step % steps_per_pass == 0:
             order = torch.randperm(len(queries), generator=data_gen)  # next pass, new order
         first = (step % steps_per_pass) * cfg.batch_size
         batch_queries = [queries[i] for i in order[first : first + cfg.batch_size]]
         query_ids, query_mask = left_pad(batch_queries, tokenizer.pad_token_id, device)  # (B, Q)
         record, trace = ppo_step(
-            policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast
-        )
+            policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast,
+            explain=cfg.explain,
+        )  # fmt: skip
 
         # 7. log and save
         record = {"step": step + 1, **record}
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if cfg.explain:
+            report.explain(trace, record, tokenizer, cfg)
+            return [dict(record, trace=trace)]  # the tensors behind the printout, for tests
         tqdm.write(format_step(record))
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             per_seq_kl = trace["kl"].sum(1).tolist()
@@ -562,6 +611,15 @@ def main(cfg: Config) -> list:
             save_checkpoint(policy, tokenizer, cfg.output_dir)
     save_checkpoint(policy, tokenizer, cfg.output_dir)
     print(f"saved policy, value head and tokenizer to {cfg.output_dir}")
+    if n_eval:
+        after = answer_and_score(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, cfg.seed)
+        query_texts = tokenizer.batch_decode([q for q in eval_queries], skip_special_tokens=True)
+        path = os.path.join(cfg.output_dir, "samples.md")
+        print(f"\nHeld-out prompts, reference vs trained policy ({path}):")
+        print(report.write_samples(path, query_texts, before[0], after[0], before[1], after[1]), end="")
+    curves = report.plot_curves(cfg.output_dir)
+    if curves:
+        print(f"curves: {curves}")
     return history
 
 

@@ -23,6 +23,7 @@ import gae
 import logprobs
 import ppo_loss
 import ppo_rlhf
+import report
 import rewards
 import tiny
 import value_head
@@ -528,6 +529,56 @@ def test_tiny_run_end_to_end(tmp_path):
         assert all(math.isfinite(r[k]) for k in ("score", "kl", "pg_loss", "vf_loss", "entropy"))
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference before any update
     assert os.path.isfile(tmp_path / value_head.VALUE_HEAD_FILE)
+    table = open(tmp_path / "samples.md").read().splitlines()
+    rows = [r for r in table[2:] if not r.startswith("| **mean**")]
+    assert len(rows) == ppo_rlhf.TINY_OVERRIDES["eval_prompts"]
+    assert all(r.count(" | ") == 4 for r in rows)  # query | reference | trained | two scores
+    mean_row = [r for r in table if r.startswith("| **mean**")]
+    assert len(mean_row) == 1 and len(re.findall(r"[+-]\d+\.\d\d", mean_row[0])) == 2
+
+
+def test_curves_png_has_three_panels(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib import image
+
+    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=3, output_dir=str(tmp_path), sample_every=0))
+    png = tmp_path / "curves.png"
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert image.imread(str(png)).shape[0] > 100  # decodes as an image
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    fig = report.draw_curves(records)
+    assert [ax.get_ylabel() for ax in fig.axes] == [label for _, label in report.PANELS]
+    assert [len(ax.lines[0].get_xdata()) for ax in fig.axes] == [3, 3, 3]
+    os.remove(png)
+    ppo_rlhf.main(ppo_rlhf.parse_args(["--plot", str(tmp_path)]))  # --plot redraws it from log.jsonl
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
+    [record] = ppo_rlhf.main(ppo_rlhf.tiny_config(explain=True, output_dir=str(tmp_path)))
+    out = capsys.readouterr().out
+    for needle in ["1. rollout", "2. score", "3. logprobs", "4. KL-shaped rewards", "5. GAE", "6. PPO epochs",
+                   "7. adapt the KL coefficient", "query_ids (", "response_ids (", "scores (", "logprobs (",
+                   "ref_logprobs (", "kl (", "rewards (", "values (", "advantages (raw) (", "advantages (",
+                   "returns (", "ratio (", "−A·ratio (", "−A·clip(ratio) (", "pg_loss  =", "vf_loss  =",
+                   "β before:", "β after:"]:  # fmt: skip
+        assert needle in out, needle
+    assert max(len(line) for line in out.splitlines() if not line.startswith("config:")) <= 100
+    tr, cfg = record["trace"], ppo_rlhf.tiny_config()
+    mask = tr["response_mask"]
+    raw, returns = compute_gae(tr["rewards"], tr["values"], mask, cfg.gamma, cfg.lam)
+    torch.testing.assert_close(raw, tr["raw_advantages"])
+    torch.testing.assert_close(masked_whiten(raw, mask), tr["advantages"])
+    torch.testing.assert_close(returns, tr["returns"])
+    for mb in tr["minibatches"]:
+        i = mb["idx"]
+        pg, vf, stats = ppo_loss_fn(
+            mb["logprobs"], mb["vpred"], tr["logprobs"][i], tr["values"][i], tr["advantages"][i], tr["returns"][i],
+            mask[i], cfg.cliprange, cfg.cliprange_value,
+        )  # fmt: skip
+        assert pg.item() == pytest.approx(mb["pg_loss"]) and vf.item() == pytest.approx(mb["vf_loss"])
+        assert f"pg_loss  = {mb['pg_loss']:+.5f}" in out or mb is not tr["minibatches"][0]
+    assert tr["minibatches"][0]["ratio_max"] == 1.0  # the first minibatch sees the rollout weights
 
 
 def test_real_path_on_local_folders(tmp_path):
