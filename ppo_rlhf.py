@@ -28,12 +28,16 @@ References:
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -94,6 +98,7 @@ class Config:
     eval_prompts: int = _arg(8, "held-out prompts answered by reference and trained policy at the end")
     explain: bool = _arg(False, "run one PPO step on 4 prompts and print every tensor of every phase")
     plot: str = _arg("", "redraw <dir>/curves.png from <dir>/log.jsonl and exit")
+    resume: str = _arg("", "continue the run saved in this output folder from its last checkpoint")
 
 
 # --tiny: a random-init model learns a word lexicon, so it takes larger steps than a pretrained
@@ -117,8 +122,37 @@ def tiny_config(**overrides) -> Config:
     return dataclasses.replace(Config(), **{**TINY_OVERRIDES, **overrides})
 
 
-class ConfigError(Exception):
-    """Bad input; `python ppo_rlhf.py` prints the message as one line and exits with status 2."""
+class RunError(Exception):
+    """A stop the user can act on: `python ppo_rlhf.py` prints it as one line, no traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(RunError):
+    """Bad input (a flag, a name, a file); exit status 2."""
+
+    exit_code = 2
+
+
+class NonFiniteError(RunError):
+    """NaN or inf in rewards, advantages or the loss; the step is not applied. Exit status 3."""
+
+    exit_code = 3
+
+
+@contextlib.contextmanager
+def loading(what: str, name: str):
+    """Turn any library error while loading `name` into one ConfigError line with the fix."""
+    try:
+        yield
+    except RunError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(
+            f"could not load {what} {name!r} ({type(e).__name__}: {first}). Check the name; with no "
+            "network use --tiny, or local folders: --model DIR --reward-model DIR --dataset FILE"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +184,9 @@ def load_policy_and_tokenizer(cfg: Config, device):
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        policy = CausalLMWithValueHead.from_pretrained(cfg.model, AutoModelForCausalLM)
+        with loading("model", cfg.model):
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+            policy = CausalLMWithValueHead.from_pretrained(cfg.model, AutoModelForCausalLM)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks tell pads apart
     tokenizer.padding_side = "left"
@@ -185,7 +220,8 @@ def load_score_fn(cfg: Config, device):
         return tiny.lexicon_score
     from transformers import pipeline
 
-    classifier = pipeline("text-classification", model=cfg.reward_model, device=device)
+    with loading("reward model", cfg.reward_model):
+        classifier = pipeline("text-classification", model=cfg.reward_model, device=device)
     labels = list(classifier.model.config.id2label.values())
     if cfg.reward_label not in labels:
         raise ConfigError(
@@ -221,12 +257,17 @@ def load_review_texts(cfg: Config):
         )
         if kind is None:
             raise ConfigError(f"--dataset {path}: use a .csv, .json, .jsonl or .parquet file")
-        data = load_dataset(kind, data_files=path, split="train")
+        with loading("dataset", path):
+            data = load_dataset(kind, data_files=path, split="train")
     elif any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
-        data = load_from_disk(path)  # a folder written by Dataset.save_to_disk
+        with loading("dataset", path):
+            data = load_from_disk(path)  # a folder written by Dataset.save_to_disk
     else:
-        data = load_dataset(path, split=cfg.dataset_split)
+        with loading("dataset", path):
+            data = load_dataset(path, split=cfg.dataset_split)
     if isinstance(data, DatasetDict):
+        if cfg.dataset_split not in data:
+            raise ConfigError(f"dataset {path} has no split {cfg.dataset_split!r}; its splits are {list(data)}")
         data = data[cfg.dataset_split]
     if cfg.text_column not in data.column_names:
         raise ConfigError(
@@ -374,6 +415,8 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_
                 mask, cfg.cliprange, cfg.cliprange_value,
             )  # fmt: skip
             loss = pg_loss + cfg.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"non-finite loss (pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -439,6 +482,18 @@ class PhaseTimer:
         now = time.perf_counter()
         self.times[phase] = now - self.last
         self.last = now
+
+
+def check_finite(mask, **tensors) -> None:
+    """Raise NonFiniteError naming each tensor (and its rows) with NaN or inf at a real token."""
+    bad = []
+    for name, x in tensors.items():
+        finite = torch.isfinite(x) | ~mask if x.dim() == 2 else torch.isfinite(x)
+        rows = (~finite).reshape(len(x), -1).any(1).nonzero().flatten().tolist()
+        if rows:
+            bad.append(f"{name} (rows {rows})")
+    if bad:
+        raise NonFiniteError("NaN or inf in " + ", ".join(bad))
 
 
 def answer_and_score(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, seed: int):
@@ -510,6 +565,8 @@ def ppo_step(
     # 5. GAE: advantages and returns; advantages whitened over the batch
     raw_advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
     advantages = masked_whiten(raw_advantages, response_mask)  # (B, T)
+    check_finite(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
+                 advantages=advantages, mask=response_mask)  # fmt: skip
 
     # 6. PPO epochs
     batch = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
@@ -540,6 +597,7 @@ def ppo_step(
 
 def main(cfg: Config) -> list:
     """Train; return the list of per-step stats (also written to `<output_dir>/log.jsonl`)."""
+    from datasets.utils import logging as datasets_logging
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -548,10 +606,15 @@ def main(cfg: Config) -> list:
     if cfg.plot:
         print(report.plot_curves(cfg.plot) or "", end="")
         return []
+    if cfg.resume:
+        state = load_trainer_state(cfg.resume)
+        cfg = Config(**{**state["config"], "resume": cfg.resume, "output_dir": cfg.resume})
     if cfg.explain:
         cfg = dataclasses.replace(cfg, batch_size=4, mini_batch_size=4, steps=1, sample_every=0)
     hf_logging.disable_progress_bar()  # one progress bar (ours) is enough
+    datasets_logging.disable_progress_bar()
     validate(cfg)
+    check_writable(cfg.output_dir)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -573,47 +636,60 @@ def main(cfg: Config) -> list:
         kl_ctl = FixedKLController(cfg.init_kl_coef)
     steps_per_pass = len(queries) // cfg.batch_size
     steps = cfg.steps or steps_per_pass
-    os.makedirs(cfg.output_dir, exist_ok=True)
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
-    open(log_path, "w").close()
     print(f"{len(queries)} training prompts, {n_eval} held out; {steps} steps of {cfg.batch_size} episodes on {device}")
     if n_eval:
         eval_ids, eval_mask = left_pad(eval_queries, tokenizer.pad_token_id, device)
         before = answer_and_score(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, cfg.seed)
 
-    history = []
     order = torch.randperm(len(queries), generator=data_gen)
-    for step in tqdm(range(steps), desc="ppo", dynamic_ncols=True, disable=cfg.explain):
-        if step and step % steps_per_pass == 0:
-            order = torch.randperm(len(queries), generator=data_gen)  # next pass, new order
-        first = (step % steps_per_pass) * cfg.batch_size
-        batch_queries = [queries[i] for i in order[first : first + cfg.batch_size]]
-        query_ids, query_mask = left_pad(batch_queries, tokenizer.pad_token_id, device)  # (B, Q)
-        record, trace = ppo_step(
-            policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast,
-            explain=cfg.explain,
-        )  # fmt: skip
+    start, history = 0, []
+    if cfg.resume:
+        start, order = restore_state(state, cfg.resume, policy, optimizer, kl_ctl, data_gen)
+        history = read_log(log_path)[:start]  # steps logged after the checkpoint are run again
+        print(f"resumed from {cfg.resume} after step {start}")
+    with open(log_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
 
-        # 7. log and save
-        record = {"step": step + 1, **record}
-        history.append(record)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if cfg.explain:
-            report.explain(trace, record, tokenizer, cfg)
-            return [dict(record, trace=trace)]  # the tensors behind the printout, for tests
-        tqdm.write(format_step(record))
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            per_seq_kl = trace["kl"].sum(1).tolist()
-            for text, s, k in list(zip(trace["texts"], trace["scores"].tolist(), per_seq_kl))[:3]:
-                tqdm.write(f"    score {s:+.2f}  kl {k:+.2f}  | {text!r}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(policy, tokenizer, cfg.output_dir)
-    save_checkpoint(policy, tokenizer, cfg.output_dir)
+    with StopOnCtrlC() as stop:
+        for step in tqdm(range(start, steps), desc="ppo", dynamic_ncols=True, disable=cfg.explain):
+            if step and step % steps_per_pass == 0:
+                order = torch.randperm(len(queries), generator=data_gen)  # next pass, new order
+            first = (step % steps_per_pass) * cfg.batch_size
+            batch_queries = [queries[i] for i in order[first : first + cfg.batch_size]]
+            query_ids, query_mask = left_pad(batch_queries, tokenizer.pad_token_id, device)  # (B, Q)
+            try:
+                record, trace = ppo_step(
+                    policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg,
+                    autocast, explain=cfg.explain,
+                )  # fmt: skip
+            except NonFiniteError as e:
+                raise NonFiniteError(f"step {step + 1}: {e}; {fault_advice(cfg.output_dir)}") from None
+
+            # 7. log and save
+            record = {"step": step + 1, **record}
+            history.append(record)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.explain:
+                report.explain(trace, record, tokenizer, cfg)
+                return [dict(record, trace=trace)]  # the tensors behind the printout, for tests
+            tqdm.write(format_step(record))
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                per_seq_kl = trace["kl"].sum(1).tolist()
+                for text, s, k in list(zip(trace["texts"], trace["scores"].tolist(), per_seq_kl))[:3]:
+                    tqdm.write(f"    score {s:+.2f}  kl {k:+.2f}  | {text!r}")
+            if stop.asked or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step + 1, cfg, data_gen, order)
+            if stop.asked:
+                print(f"stopped by Ctrl-C after step {step + 1}, checkpoint saved; "
+                      f"continue with: python ppo_rlhf.py --resume {cfg.output_dir}")  # fmt: skip
+                return history
+    save_checkpoint(policy, tokenizer, optimizer, kl_ctl, steps, cfg, data_gen, order)
     print(f"saved policy, value head and tokenizer to {cfg.output_dir}")
     if n_eval:
         after = answer_and_score(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, cfg.seed)
-        query_texts = tokenizer.batch_decode([q for q in eval_queries], skip_special_tokens=True)
+        query_texts = tokenizer.batch_decode(eval_queries, skip_special_tokens=True)
         path = os.path.join(cfg.output_dir, "samples.md")
         print(f"\nHeld-out prompts, reference vs trained policy ({path}):")
         print(report.write_samples(path, query_texts, before[0], after[0], before[1], after[1]), end="")
@@ -621,6 +697,47 @@ def main(cfg: Config) -> list:
     if curves:
         print(f"curves: {curves}")
     return history
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step, so a checkpoint always
+    falls on a step boundary, where resuming is exact; a second one stops at once, saving nothing."""
+
+    def __init__(self):
+        self.asked = False
+        self.previous = None
+
+    def _handler(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again stops now, saving nothing)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def check_writable(output_dir: str) -> None:
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--output-dir {output_dir} can't be written ({e.strerror}): choose another folder") from None
+
+
+def read_log(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def format_step(r: dict) -> str:
@@ -633,10 +750,68 @@ def format_step(r: dict) -> str:
     )
 
 
-def save_checkpoint(policy, tokenizer, output_dir: str) -> None:
-    """Policy + value head + tokenizer; loads with AutoModelForCausalLM and a text-generation pipeline."""
-    policy.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+TRAINER_STATE = "trainer_state.pt"
+
+
+def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg: Config, data_gen, order) -> None:
+    """Everything a run needs to go on exactly where it stopped, in `cfg.output_dir`.
+
+    The policy (+ value head) and tokenizer are saved as Hugging Face files, so the folder loads
+    with `AutoModelForCausalLM.from_pretrained` and `pipeline("text-generation", model=dir)`.
+    `trainer_state.pt` adds the optimizer, β, the step, the random states and the data order.
+    Files go to a scratch folder first and are moved in, trainer_state.pt last, so a crash while
+    saving leaves the previous checkpoint readable.
+    """
+    scratch = os.path.join(cfg.output_dir, ".saving")
+    shutil.rmtree(scratch, ignore_errors=True)
+    policy.save_pretrained(scratch)
+    tokenizer.save_pretrained(scratch)
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = dict(step=step, config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(), kl_coef=kl_ctl.value,
+                 rng=rng, data_gen=data_gen.get_state(), order=order)  # fmt: skip
+    torch.save(state, os.path.join(scratch, TRAINER_STATE))
+    for name in sorted(os.listdir(scratch), key=lambda name: name == TRAINER_STATE):
+        os.replace(os.path.join(scratch, name), os.path.join(cfg.output_dir, name))
+    os.rmdir(scratch)
+
+
+def load_trainer_state(output_dir: str) -> dict:
+    path = os.path.join(output_dir, TRAINER_STATE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {output_dir}: no checkpoint there ({TRAINER_STATE} is missing)")
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: python objects inside
+
+
+def restore_state(state: dict, directory: str, policy, optimizer, kl_ctl, data_gen):
+    """Load a checkpoint's weights, optimizer, β and random states; return (step, data order).
+
+    The reference model is not in the checkpoint: it is the starting policy, rebuilt from
+    --model (or the --tiny seed) before this is called.
+    """
+    from transformers import AutoModelForCausalLM
+
+    saved = CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM)
+    policy.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    kl_ctl.value = state["kl_coef"]
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    data_gen.set_state(state["data_gen"])
+    return state["step"], state["order"]
+
+
+def fault_advice(output_dir: str) -> str:
+    path = os.path.join(output_dir, TRAINER_STATE)
+    if not os.path.isfile(path):
+        return "the step was not applied and the run stopped; no checkpoint was saved yet (--save-every N)"
+    step = torch.load(path, map_location="cpu", weights_only=False)["step"]
+    return (f"the step was not applied and the run stopped; the checkpoint of step {step} is untouched: "
+            f"python ppo_rlhf.py --resume {output_dir}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,9 +833,19 @@ def parse_args(argv=None) -> Config:
     return tiny_config(**given) if given.get("tiny") else dataclasses.replace(Config(), **given)
 
 
-if __name__ == "__main__":
-    config = parse_args()
+def cli(argv=None) -> int:
+    """`python ppo_rlhf.py ...`: run, and turn a RunError into one line and an exit status."""
+    cfg = parse_args(argv)
     try:
-        main(config)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+        main(cfg)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stopped at once by a second Ctrl-C; nothing of the current step was saved", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

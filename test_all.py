@@ -625,3 +625,152 @@ def test_generation_samples_from_the_distribution_ppo_scores(lm, tokenizer):
         recomputed, _, _ = ppo_rlhf.forward_logprobs(policy, build_inputs(q_ids, q_mask, r_ids, r_mask), r_ids, True)
     T = r_ids.shape[1]
     torch.testing.assert_close(recomputed[r_mask], sampled_with[:, :T][r_mask], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: one-line errors, faults, Ctrl-C and exact resume
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny.save_tiny_world(str(tmp_path_factory.mktemp("world")))
+
+
+def run_cli(argv, capsys):
+    code = ppo_rlhf.cli(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def local_args(world, out, *extra):
+    policy_dir, reward_dir, csv_path = world
+    return ["--model", policy_dir, "--reward-model", reward_dir, "--dataset", csv_path, "--batch-size", "8",
+            "--mini-batch-size", "4", "--steps", "1", "--output-dir", str(out), *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--model", "no-such-org/no-such-model"], "--tiny"),  # unknown id, or no network
+        (["--reward-model", "no-such-org/no-such-classifier"], "local folders"),
+        (["--dataset", "no-such-dataset-name"], "--dataset FILE"),
+        (["--reward-label", "GOOD"], "['NEGATIVE', 'POSITIVE']: choose one with --reward-label"),
+        (["--mini-batch-size", "3"], "not a multiple of --mini-batch-size 3"),
+        (["--text-column", "review"], "its columns are ['text', 'label']"),
+        (["--query-min-len", "60", "--query-max-len", "60"], "have at least 60 tokens"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--batch-size", "-8"], "--batch-size must be positive"),
+        (["--response-min-len", "0"], "--response-min-len must be positive"),
+        (["--cliprange", "-0.1"], "--cliprange must not be negative"),
+        (["--kl-kind", "kl2"], "choose one of kl, abs, mse, full"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix(world, tmp_path, capsys, extra, expected):
+    code, err = run_cli(local_args(world, tmp_path / "out", *extra), capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+
+
+def test_unwritable_output_folder_and_missing_checkpoint(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err = run_cli(["--tiny", "--output-dir", str(blocker / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "can't be written" in err[0] and "choose another folder" in err[0]
+    code, err = run_cli(["--resume", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "no checkpoint there" in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    code, err = run_cli(["--tiny", "--device", "cuda", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and err == ["error: --device cuda: this machine has no CUDA GPU; use --device cpu"]
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "ppo_rlhf.py"), "--tiny", "--mini-batch-size", "5", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --batch-size 32 is not a multiple of --mini-batch-size 5"]
+
+
+def test_nan_stops_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    calls, lexicon_score = [], tiny.lexicon_score
+
+    def score_nan_on_third_batch(texts):
+        scores = lexicon_score(texts)
+        if len(texts) == 32:  # a training batch, not the held-out prompts
+            calls.append(1)
+            if len(calls) == 3:
+                scores[5] = float("nan")
+        return scores
+
+    monkeypatch.setattr(tiny, "lexicon_score", score_nan_on_third_batch)
+    out = tmp_path / "faulty"
+    with pytest.raises(ppo_rlhf.NonFiniteError, match=r"step 3: NaN or inf in scores \(rows \[5\]\).*rewards"):
+        ppo_rlhf.main(ppo_rlhf.tiny_config(steps=6, save_every=1, output_dir=str(out), sample_every=0))
+    assert [r["step"] for r in ppo_rlhf.read_log(str(out / "log.jsonl"))] == [1, 2]
+    assert ppo_rlhf.load_trainer_state(str(out))["step"] == 2
+    monkeypatch.undo()
+    clean = tmp_path / "clean"
+    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=2, output_dir=str(clean), sample_every=0))
+    kept = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(str(clean)).state_dict().items():
+        assert torch.equal(kept[name], tensor), name  # the checkpoint on disk is the step-2 policy
+
+
+def test_nonfinite_loss_never_reaches_the_optimizer(tokenizer):
+    cfg = ppo_rlhf.tiny_config(ppo_epochs=1, mini_batch_size=2)
+    policy = CausalLMWithValueHead(tiny.build_policy(tokenizer))
+    optimizer = ppo_rlhf.make_optimizer(policy, 1e-2)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    q_ids, q_mask = ppo_rlhf.left_pad([[5, 6], [7]], tokenizer.pad_token_id, "cpu")
+    r_ids, r_mask = torch.tensor([[8, 9], [10, 0]]), ragged_mask([2, 1], 2)
+    batch = dict(query_ids=q_ids, query_mask=q_mask, response_ids=r_ids, response_mask=r_mask,
+                 logprobs=torch.zeros(2, 2), values=torch.zeros(2, 2),
+                 advantages=torch.full((2, 2), float("nan")), returns=torch.zeros(2, 2))  # fmt: skip
+    with pytest.raises(ppo_rlhf.NonFiniteError, match="non-finite loss"):
+        ppo_rlhf.ppo_update(policy, optimizer, batch, cfg, contextlib.nullcontext)
+    for name, tensor in policy.state_dict().items():
+        assert torch.equal(before[name], tensor), name
+
+
+def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_log(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--tiny", "--steps", "20", "--sample-every", "0"]
+    straight = tmp_path / "straight"
+    ppo_rlhf.main(ppo_rlhf.parse_args(args + ["--output-dir", str(straight)]))
+
+    interrupted = tmp_path / "interrupted"
+    log = interrupted / "log.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "ppo_rlhf.py"), *args, "--output-dir", str(interrupted)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"continue with: python ppo_rlhf.py --resume {interrupted}" in out
+    stopped_at = ppo_rlhf.load_trainer_state(str(interrupted))["step"]
+    assert 4 <= stopped_at < 20
+
+    assert ppo_rlhf.cli(["--resume", str(interrupted)]) == 0
+    a, b = ppo_rlhf.read_log(str(straight / "log.jsonl")), ppo_rlhf.read_log(str(log))
+    assert [r["step"] for r in b] == list(range(1, 21))
+    for x, y in zip(a, b):
+        x.pop("time"), y.pop("time")
+        assert x == y  # scores, KL, losses: the same numbers, not merely close
