@@ -163,9 +163,15 @@ def loading(what: str, name: str):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -389,6 +395,20 @@ def forward_logprobs(model, inputs, response_ids, with_values: bool, with_logits
     return logprobs, values, (logits if with_logits else None)
 
 
+def trim_padding(mb: dict) -> dict:
+    """Drop the columns that are padding in every row of a minibatch.
+
+    The batch is padded to its longest query and response; a minibatch drawn from it may be
+    shorter on both sides, and its all-pad columns would cost compute and change nothing.
+    """
+    first = int(mb["query_mask"].any(0).int().argmax())  # first query column with a real token
+    T = int(mb["response_mask"].sum(1).max())  # longest response in the minibatch
+    return {
+        k: v[:, first:] if k.startswith("query") else v[:, :T]  # (b, Q') or (b, T')
+        for k, v in mb.items()
+    }
+
+
 def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_log=None) -> dict:
     """Phase 6: `ppo_epochs` passes of shuffled minibatches of the clipped PPO loss.
 
@@ -405,7 +425,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_
     totals, n = {}, 0
     for epoch in range(cfg.ppo_epochs):
         for idx in torch.randperm(B).split(cfg.mini_batch_size):
-            mb = {k: v[idx] for k, v in batch.items()}
+            mb = trim_padding({k: v[idx] for k, v in batch.items()})
             mask = mb["response_mask"]
             inputs = build_inputs(mb["query_ids"], mb["query_mask"], mb["response_ids"], mask)
             with autocast():
@@ -440,7 +460,8 @@ def validate(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ["steps", "init_kl_coef", "save_every", "sample_every", "cliprange", "cliprange_value", "vf_coef"]:
+    for name in ["steps", "init_kl_coef", "save_every", "sample_every", "eval_prompts", "min_review_chars", "cliprange",
+                 "cliprange_value", "vf_coef"]:  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
     if cfg.batch_size % cfg.mini_batch_size:

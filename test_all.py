@@ -508,6 +508,16 @@ def test_batched_rollout_gives_asked_lengths_and_masks(tokenizer):
     assert (n < lengths).any() and (n == lengths).any()  # both cases happened (seeded)
 
 
+def test_trim_padding_drops_only_all_pad_columns():
+    q_mask = torch.tensor([[False, False, True], [False, True, True]])
+    r_mask = ragged_mask([2, 1], 4)
+    mb = dict(query_ids=torch.arange(6).reshape(2, 3), query_mask=q_mask, response_ids=torch.arange(8).reshape(2, 4),
+              response_mask=r_mask, advantages=torch.ones(2, 4))  # fmt: skip
+    out = ppo_rlhf.trim_padding(mb)
+    assert out["query_ids"].tolist() == [[1, 2], [4, 5]] and out["query_mask"].shape == (2, 2)
+    assert out["response_ids"].tolist() == [[0, 1], [4, 5]] and out["advantages"].shape == (2, 2)
+
+
 def test_cli_help_and_tiny_overrides(capsys):
     with pytest.raises(SystemExit) as e:
         ppo_rlhf.parse_args(["--help"])
@@ -664,6 +674,8 @@ def local_args(world, out, *extra):
         (["--response-min-len", "0"], "--response-min-len must be positive"),
         (["--cliprange", "-0.1"], "--cliprange must not be negative"),
         (["--kl-kind", "kl2"], "choose one of kl, abs, mse, full"),
+        (["--device", "gpu"], "use auto, cpu, cuda or cuda:N"),
+        (["--eval-prompts", "-1"], "--eval-prompts must not be negative"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_fix(world, tmp_path, capsys, extra, expected):

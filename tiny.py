@@ -231,7 +231,10 @@ def save_tiny_world(directory: str, n_reviews: int = 48, seed: int = 0):
 if __name__ == "__main__":
     import sys
 
+    from transformers.utils import logging as hf_logging
+
     if len(sys.argv) != 2:
         sys.exit("usage: python tiny.py DIR   (writes DIR/policy, DIR/reward, DIR/reviews.csv)")
+    hf_logging.disable_progress_bar()
     for path in save_tiny_world(sys.argv[1]):
         print(path)
