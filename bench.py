@@ -15,6 +15,7 @@ phases does not depend on the values of the weights, so random weights give real
   decode and re-tokenise cost about what they cost for real text.
 - `--shape tiny`: exactly the `--tiny` world (2-layer GPT-2, lexicon score).
 
+The attention kernel is the one the training run picks for the device (`--attn` to compare).
 Queries are 2–7 random tokens, responses 4–15 sampled tokens (pure sampling), as in the real
 run. With random weights EOS comes at chance rate (1 in 50257), so responses run to their sampled
 lengths, as they mostly do for the real model.
@@ -61,7 +62,7 @@ def synthetic_tokenizer(vocab_size: int):
     )  # fmt: skip
 
 
-def build(shape: str, device, cfg):
+def build(shape: str, device, cfg, attn: str = ""):
     """Policy (with value head), tokenizer, score function and classifier size for a shape."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel
     from transformers import pipeline
@@ -69,9 +70,11 @@ def build(shape: str, device, cfg):
     if shape == "tiny":
         tokenizer = tiny.build_tokenizer()
         lm = tiny.build_policy(tokenizer)
+        lm.set_attn_implementation(attn or ppo_rlhf.attention_kernel(device))
         return lm, tokenizer, tiny.lexicon_score, 0
     tokenizer = synthetic_tokenizer(50257)
     lm = GPT2LMHeadModel(GPT2Config(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256))
+    lm.set_attn_implementation(attn or ppo_rlhf.attention_kernel(device))
     classifier = DistilBertForSequenceClassification(
         DistilBertConfig(vocab_size=50257, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
     )
@@ -126,6 +129,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="", help="attention kernel (default: what ppo_rlhf.py picks for the device)")
     args = parser.parse_args(argv)
 
     device = ppo_rlhf.resolve_device(args.device)
@@ -135,7 +139,7 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     ppo_rlhf.validate(cfg)
     ppo_rlhf.seed_everything(args.seed)
-    lm, tokenizer, score_fn, cls_blocks = build(args.shape, device, cfg)
+    lm, tokenizer, score_fn, cls_blocks = build(args.shape, device, cfg, args.attn)
     policy = CausalLMWithValueHead(lm).to(device)
     policy.lm.generation_config = ppo_rlhf.build_generation_config(tokenizer)
     ref_model = ppo_rlhf.copy.deepcopy(policy.lm).eval().requires_grad_(False)

@@ -157,7 +157,9 @@ def run_padded(lm, queries, responses, pad_id, extra_left=0):
     return response_logprobs(logits, r_ids), r_mask
 
 
-def test_padding_changes_nothing(lm):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_changes_nothing(lm, attn):
+    lm.set_attn_implementation(attn)
     queries = [[5, 17], [8, 9, 10, 11, 12, 13, 14], [300, 2, 77, 4]]
     responses = [[7, 99, 3, 250, 6], [1, 2, 3, 4], [60, 61, 62, 63, 64, 65, 66, 67]]
     batched, mask = run_padded(lm, queries, responses, pad_id=0)
@@ -618,9 +620,11 @@ def test_tiny_run_learns_on_three_seeds(tmp_path):
         assert last >= first + 1.5, (seed, first, last)
 
 
-def test_generation_samples_from_the_distribution_ppo_scores(lm, tokenizer):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generation_samples_from_the_distribution_ppo_scores(lm, tokenizer, attn):
     """Log-probs that `generate` sampled with (left-padded, positions from the mask inside HF)
     equal the ones the loop recomputes with `build_inputs`: rollout and update see one policy."""
+    lm.set_attn_implementation(attn)
     policy = CausalLMWithValueHead(lm).eval()
     policy.lm.generation_config = ppo_rlhf.build_generation_config(tokenizer)
     q_ids, q_mask = ppo_rlhf.left_pad([[5, 6], [7, 8, 9, 10, 11, 12], [13]], tokenizer.pad_token_id, "cpu")
