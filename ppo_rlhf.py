@@ -551,6 +551,7 @@ def ppo_step(
     """One PPO step on one batch of queries: phases 1 to 7 of the module docstring.
 
     Args:
+        policy, ref_model, optimizer, kl_ctl, tokenizer, cfg: as `main` builds them.
         query_ids, query_mask: (B, Q) left-padded queries.
         score_fn: B texts → (B,) scores.
         autocast: a function returning the autocast context (a no-op for fp32).

@@ -148,7 +148,7 @@ def plot_curves(output_dir: str):
         return None
     with open(os.path.join(output_dir, "log.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    fig = draw_curves(records, f"PPO run: {os.path.abspath(output_dir)}")
+    fig = draw_curves(records, f"PPO run: {os.path.normpath(output_dir)}")
     path = os.path.join(output_dir, "curves.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)

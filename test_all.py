@@ -566,6 +566,17 @@ def test_curves_png_has_three_panels(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_without_matplotlib_a_run_says_how_to_get_curves(tmp_path, monkeypatch, capsys):
+    import sys
+
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "score": 0.0, "kl": 0.0, "kl_coef": 0.2}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` fail
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    assert report.plot_curves(str(tmp_path)) is None
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
     [record] = ppo_rlhf.main(ppo_rlhf.tiny_config(explain=True, output_dir=str(tmp_path)))
     out = capsys.readouterr().out
