@@ -197,6 +197,7 @@ def load_policy_and_tokenizer(cfg: Config, device):
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        print(f"loading policy {cfg.model}")
         with loading("model", cfg.model):
             tokenizer = AutoTokenizer.from_pretrained(cfg.model)
             policy = CausalLMWithValueHead.from_pretrained(cfg.model, AutoModelForCausalLM)
@@ -234,6 +235,7 @@ def load_score_fn(cfg: Config, device):
         return tiny.lexicon_score
     from transformers import pipeline
 
+    print(f"loading reward model {cfg.reward_model}")
     with loading("reward model", cfg.reward_model):
         classifier = pipeline("text-classification", model=cfg.reward_model, device=device)
     labels = list(classifier.model.config.id2label.values())
