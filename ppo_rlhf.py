@@ -640,6 +640,9 @@ def main(cfg: Config) -> list:
         return []
     if cfg.resume:
         state = load_trainer_state(cfg.resume)
+        ignored = sorted(k for k, v in dataclasses.asdict(cfg).items() if k != "resume" and v != getattr(Config(), k))
+        if ignored:
+            print(f"--resume continues with the run's saved config; ignoring: {', '.join(ignored)}")
         cfg = Config(**{**state["config"], "resume": cfg.resume, "output_dir": cfg.resume})
     if cfg.explain:
         cfg = dataclasses.replace(cfg, batch_size=4, mini_batch_size=4, steps=1, sample_every=0)
