@@ -141,10 +141,7 @@ def main(argv=None) -> dict:
     ppo_rlhf.seed_everything(args.seed)
     lm, tokenizer, score_fn, cls_blocks = build(args.shape, device, cfg, args.attn)
     policy = CausalLMWithValueHead(lm).to(device)
-    policy.lm.generation_config = ppo_rlhf.build_generation_config(tokenizer)
-    ref_model = ppo_rlhf.copy.deepcopy(policy.lm).eval().requires_grad_(False)
-    optimizer = ppo_rlhf.make_optimizer(policy, cfg.lr)
-    kl_ctl = ppo_rlhf.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    ref_model, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, tokenizer, cfg)
     autocast = ppo_rlhf.make_autocast(device, cfg.dtype)
     eos = tokenizer.eos_token_id
     if device.type == "cuda":

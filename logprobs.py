@@ -90,8 +90,8 @@ def build_inputs(
         input_ids: (B, Q+T) query then response.
         attention_mask: (B, Q+T) long, 1 at real tokens.
         position_ids: (B, Q+T) long, 0 at the first real token of each row, counting real tokens
-            only; pads get the position of the nearest real token before them (or 0), a value
-            no real token ever attends to.
+            only. A pad gets the position of the nearest real token before it (or 0); no real
+            token attends to a pad, so that value never matters.
     """
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, L)
     attention_mask = torch.cat([query_mask, response_mask], dim=1).long()  # (B, L)

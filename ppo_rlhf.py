@@ -423,10 +423,13 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_
     """Phase 6: `ppo_epochs` passes of shuffled minibatches of the clipped PPO loss.
 
     Args:
+        policy, optimizer, cfg: as `main` builds them.
         batch: (B, ...) tensors: query_ids, query_mask, response_ids, response_mask, logprobs,
             values, advantages (whitened), returns.
+        autocast: a function returning the autocast context (a no-op for fp32).
         minibatch_log: a list to append, per minibatch, the row indices and the tensors and
-            losses the loss was computed from (for --explain); None keeps nothing.
+            losses the loss was computed from (for --explain); None keeps nothing. The tensors
+            are cut to the minibatch's own longest response (`trim_padding`).
 
     Returns:
         The stats of every minibatch of every epoch, averaged.
@@ -484,6 +487,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--kl-kind {cfg.kl_kind!r}: choose one of {', '.join(KL_KINDS)}")
     if cfg.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"--dtype {cfg.dtype!r}: choose fp32 or bf16")
+
+
+def prepare_training(policy, tokenizer, cfg: Config):
+    """Pure sampling on the policy, and the frozen reference, optimizer and KL controller.
+
+    Returns:
+        (ref_model, optimizer, kl_ctl).
+    """
+    policy.lm.generation_config = build_generation_config(tokenizer)
+    ref_model = copy.deepcopy(policy.lm).eval().requires_grad_(False)  # frozen starting policy
+    optimizer = make_optimizer(policy, cfg.lr)
+    if cfg.adaptive_kl:
+        kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    else:
+        kl_ctl = FixedKLController(cfg.init_kl_coef)
+    return ref_model, optimizer, kl_ctl
 
 
 def make_optimizer(policy, lr: float):
@@ -656,19 +675,13 @@ def main(cfg: Config) -> list:
     autocast = make_autocast(device, cfg.dtype)
 
     policy, tokenizer = load_policy_and_tokenizer(cfg, device)
-    policy.lm.generation_config = build_generation_config(tokenizer)
-    ref_model = copy.deepcopy(policy.lm).eval().requires_grad_(False)  # frozen starting policy
+    ref_model, optimizer, kl_ctl = prepare_training(policy, tokenizer, cfg)
     score_fn = load_score_fn(cfg, device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     queries = build_queries(load_review_texts(cfg), tokenizer, cfg, data_gen)
     shuffled = [queries[i] for i in torch.randperm(len(queries), generator=data_gen)]
     n_eval = 0 if cfg.explain else min(cfg.eval_prompts, len(queries) - cfg.batch_size)
     eval_queries, queries = shuffled[:n_eval], shuffled[n_eval:]  # held out from training
-    optimizer = make_optimizer(policy, cfg.lr)
-    if cfg.adaptive_kl:
-        kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
-    else:
-        kl_ctl = FixedKLController(cfg.init_kl_coef)
     steps_per_pass = len(queries) // cfg.batch_size
     steps = cfg.steps or steps_per_pass
     log_path = os.path.join(cfg.output_dir, "log.jsonl")

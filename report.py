@@ -77,6 +77,8 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
 
     _phase(6, "PPO epochs: clipped policy and value losses", "ppo_loss.ppo_loss")
     minibatches = trace["minibatches"]
+    # --explain runs one minibatch of the whole batch, so no column was trimmed and a minibatch's
+    # (b, T) tensors line up with the batch's rows `idx`.
     for title, mb in (("first minibatch of epoch 1", minibatches[0]), (f"last minibatch of epoch {cfg.ppo_epochs}", minibatches[-1])):  # fmt: skip
         idx = mb["idx"]
         mask, adv = rm[idx], trace["advantages"][idx]
