@@ -13,7 +13,8 @@ phases does not depend on the values of the weights, so random weights give real
   same `pipeline` call as the real run. The text is made of synthetic tokens `t0 … t50256` from
   a word-level tokenizer built in code (GPT-2's own BPE files cannot be downloaded here), so
   decode and re-tokenise cost about what they cost for real text.
-- `--shape tiny`: exactly the `--tiny` world (2-layer GPT-2, lexicon score).
+- `--shape tiny`: exactly the `--tiny` world (tiny.py): its pretrained 2-layer GPT-2 and its
+  classifier, loaded through the same loaders as the training run.
 
 The attention kernel is the one the training run picks for the device (`--attn` to compare).
 Queries are 2–7 random tokens, responses 4–15 sampled tokens (pure sampling), as in the real
@@ -25,8 +26,9 @@ Reported, as medians over `--iters` iterations after `--warmup`:
   batch per second); peak memory (GPU: `max_memory_allocated`; CPU: the process's peak RSS);
   the share of the matmul peak: the iteration's FLOPs over its time, against the best of a few
   large matmuls timed in the same run and dtype. FLOPs count the matmuls only (2 per
-  multiply-add; backward = 2 × forward): the transformer blocks on every position, the LM head
-  on the positions the code evaluates it on, the classifier on its tokens. Attention scores
+  multiply-add; backward = 2 × forward) on the positions the code computes: in `generate` the
+  padded batch; in the packed forward passes the transformer on real tokens and the LM head on
+  real response tokens only; the classifier on its tokens. Attention scores
   (under 1% at these lengths) and element-wise work are not counted.
 """
 
@@ -41,8 +43,10 @@ import time
 
 import torch
 
+import loading
 import ppo_rlhf
 import tiny
+from rewards import pipeline_scorer
 from value_head import CausalLMWithValueHead
 
 
@@ -68,33 +72,39 @@ def build(shape: str, device, cfg, attn: str = ""):
     from transformers import pipeline
 
     if shape == "tiny":
-        tokenizer = tiny.build_tokenizer()
-        lm = tiny.build_policy(tokenizer)
-        lm.set_attn_implementation(attn or ppo_rlhf.attention_kernel(device))
-        return lm, tokenizer, tiny.lexicon_score, 0
-    tokenizer = synthetic_tokenizer(50257)
-    lm = GPT2LMHeadModel(GPT2Config(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256))
-    lm.set_attn_implementation(attn or ppo_rlhf.attention_kernel(device))
-    classifier = DistilBertForSequenceClassification(
-        DistilBertConfig(vocab_size=50257, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
-    )
+        policy_dir, reward_dir, _ = tiny.ensure_world()
+        policy, tokenizer = loading.load_policy_and_tokenizer(policy_dir, device)
+        score_fn = loading.load_score_fn(reward_dir, "POSITIVE", cfg.reward_batch_size, device)
+        classifier = pipeline("text-classification", model=reward_dir).model
+    else:
+        tokenizer = synthetic_tokenizer(50257)
+        lm = GPT2LMHeadModel(GPT2Config(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256))
+        lm.set_attn_implementation(loading.attention_kernel(device))
+        lm.generation_config = loading.pure_sampling(tokenizer)
+        policy = CausalLMWithValueHead(lm).to(device)
+        classifier = DistilBertForSequenceClassification(
+            DistilBertConfig(vocab_size=50257, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+        )
+        pipe = pipeline("text-classification", model=classifier, tokenizer=tokenizer, device=device)
+        score_fn = pipeline_scorer(pipe, "POSITIVE", cfg.reward_batch_size)
+    if attn:
+        policy.lm.set_attn_implementation(attn)
     cls_blocks = sum(p.numel() for p in classifier.distilbert.transformer.parameters())
-    pipe = pipeline("text-classification", model=classifier, tokenizer=tokenizer, device=device)
-    return lm, tokenizer, ppo_rlhf.pipeline_scorer(pipe, "POSITIVE", cfg.reward_batch_size), cls_blocks
+    return policy, tokenizer, score_fn, cls_blocks
 
 
 def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> float:
     """Matmul FLOPs of one iteration, from the shapes the iteration actually had."""
-    blocks = sum(p.numel() for p in lm.transformer.h.parameters())  # per-position weights
-    head = lm.lm_head.weight.numel()  # V · H
+    blocks = sum(p.numel() for p in lm.base_model.h.parameters())  # per-position weights
+    head = lm.get_output_embeddings().weight.numel()  # V · H
     B, Q = trace["query_ids"].shape
     T = trace["response_ids"].shape[1]
-    L = Q + T
-    # generate: prefill Q positions, then one position per new token; LM head on one position each
-    generate = 2 * B * (blocks * L + head * (T + 1))
-    # one pass over query + response with the LM head on the last T + 1 positions
-    one_pass = 2 * B * (blocks * L + head * (T + 1))
-    score = 2 * B * cls_blocks * (L + 2)  # the classifier reads the decoded text (+ CLS, SEP)
+    N = int(trace["query_mask"].sum() + trace["response_mask"].sum())  # real tokens, packed
+    K = int(trace["response_mask"].sum())  # real response tokens
+    # generate: the padded batch, prefill then one position per new token; LM head once per token
+    generate = 2 * B * (blocks * (Q + T) + head * (T + 1))
+    one_pass = 2 * (blocks * N + head * K)  # packed: real tokens only, LM head on K positions
+    score = 2 * B * cls_blocks * (Q + T + 2)  # the classifier reads the decoded text (+ CLS, SEP)
     forward = 2 * one_pass  # policy and reference
     update = ppo_epochs * 3 * one_pass  # forward + backward (2 ×)
     return generate + score + forward + update
@@ -132,16 +142,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="", help="attention kernel (default: what ppo_rlhf.py picks for the device)")
     args = parser.parse_args(argv)
 
-    device = ppo_rlhf.resolve_device(args.device)
+    device = loading.resolve_device(args.device, args.dtype)
     cfg = ppo_rlhf.Config(
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size or args.batch_size,
         ppo_epochs=args.ppo_epochs, device=str(device), dtype=args.dtype, seed=args.seed,
     )  # fmt: skip
-    ppo_rlhf.validate(cfg)
-    ppo_rlhf.seed_everything(args.seed)
-    lm, tokenizer, score_fn, cls_blocks = build(args.shape, device, cfg, args.attn)
-    policy = CausalLMWithValueHead(lm).to(device)
-    ref_model, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, tokenizer, cfg)
+    cfg.validate()
+    loading.seed_everything(args.seed)
+    policy, tokenizer, score_fn, cls_blocks = build(args.shape, device, cfg, args.attn)
+    ref_model, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, cfg)
     autocast = ppo_rlhf.make_autocast(device, cfg.dtype)
     eos = tokenizer.eos_token_id
     if device.type == "cuda":
@@ -152,7 +161,7 @@ def main(argv=None) -> dict:
         lengths = torch.randint(cfg.query_min_len, cfg.query_max_len + 1, (cfg.batch_size,)).tolist()
         ids = [torch.randint(0, len(tokenizer) - 1, (n,)) for n in lengths]
         queries = [(q + (q >= eos)).tolist() for q in ids]  # random tokens other than EOS
-        query_ids, query_mask = ppo_rlhf.left_pad(queries, tokenizer.pad_token_id, device)
+        query_ids, query_mask = loading.left_pad(queries, tokenizer.pad_token_id, device)
         start = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # the pipeline's one-time advice on batching
             record, trace = ppo_rlhf.ppo_step(
@@ -164,7 +173,7 @@ def main(argv=None) -> dict:
         tokens = int(query_mask.sum() + trace["response_mask"].sum())
         if i >= args.warmup:
             rows.append(dict(record["time"], iteration=seconds, tokens=tokens,
-                             flops=iteration_flops(lm, cls_blocks, trace, cfg.ppo_epochs)))  # fmt: skip
+                             flops=iteration_flops(policy.lm, cls_blocks, trace, cfg.ppo_epochs)))  # fmt: skip
 
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     peak = matmul_peak(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)

@@ -123,3 +123,19 @@ def compute_gae(
     advantages = torch.where(mask, advantages, 0.0)  # (B, T)
     returns = advantages + values  # (B, T)
     return advantages, returns
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How much of the returns' variance the value head predicts: 1 − Var(R − V) / Var(R).
+
+    1 is a perfect value head, 0 one no better than a constant, below 0 worse than one.
+
+    Args:
+        values: (B, T) the value head's V_t.
+        returns: (B, T) the targets R_t.
+        mask: (B, T) bool, True at real response tokens.
+
+    Returns:
+        A scalar.
+    """
+    return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)

@@ -1,37 +1,46 @@
-"""Log-probabilities of the response tokens, from one forward pass over query + response.
+"""Log-probabilities and values of the response tokens, from one forward pass over query + response.
 
 Tutorial section: "Batched_forward_pass" (the `gather` figure, Step 3 of that cell).
 
     logprobs[b, t] = log π(response[b, t] | query[b], response[b, <t])
-                   = log_softmax(logits[b, Q + t − 1])[response[b, t]]
+                   = log_softmax(logits at the token before response[b, t])[response[b, t]]
+    values[b, t]   = V(query[b], response[b, <t])   read from the same position
 
-A batch holds queries of different lengths and responses of different lengths. We lay it out as
+A causal LM's output at a token predicts the token after it, so the output that predicts r_t sits
+one position to the left of r_t: at the last query token for r0, at r0 for r1, and so on. The
+value of the state before r_t reads the same hidden state.
 
-    [pad pad q0 q1 q2 | r0 r1 r2 pad]      left-padded query (Q columns) | right-padded response (T)
+The rest of the code holds a batch as a left-padded query block and a right-padded response
+block, `(B, Q)` and `(B, T)`, so every query ends and every response starts in the same column:
 
-so that every query ends, and every response starts, in the same column. A causal LM's logits at
-column j predict the token at column j + 1, so the logits that predict the response sit one
-column to the left of it:
+    row 0   [pad pad q0  q1  q2 | r0  r1  pad]
+    row 1   [q0  q1  q2  q3  q4 | r0  r1  r2 ]
 
-    column        0    1    2    3    4  |  5    6    7    8
-    input        pad  pad  q0   q1   q2  |  r0   r1   r2   pad
-    predicts      ·    ·    q1   q2  [r0 |  r1   r2   ·]   ·      ← logits[:, Q-1 : Q+T-1]
-                                     Q-1                  Q+T-1 = L-1 (excluded)
+Running that rectangle costs B·(Q+T) positions, a third of them padding on the real run. Inside
+`batched_forward_pass` the real tokens are packed into one row instead, and each sequence's
+`position_ids` restart at 0:
 
-With the full logits (B, Q+T, V) that is `logits[:, Q-1:-1]`; with the last T+1 columns only
-(`logits_to_keep=T+1`) it is `logits[:, :-1]`. `align_to_response` does both: `x[:, -T-1:-1]`.
-The value of the state before r_t reads the same hidden state, so values are cut the same way.
+    input_ids      q0 q1 q2 r0 r1 | q0 q1 q2 q3 q4 r0 r1 r2      (1, N), N = real tokens
+    position_ids    0  1  2  3  4 |  0  1  2  3  4  5  6  7
+    predicts       q1 q2[r0 r1]·  | q1 q2 q3 q4[r0 r1 r2]·       [ ] = outputs we keep (K of them)
 
-Padding must change nothing. Two things see to that: the attention mask hides pad columns, and
-`position_ids` count real tokens only, so q0 gets position 0 however many pads stand before it
-(GPT-2 would otherwise give it position 2 and change every logit of that row). Pads at the end of
-the response come after every real token, so a causal model cannot see them at all.
+With `attention_mask=None`, transformers reads a new sequence wherever the position does not
+grow by one, and gives attention a block-diagonal causal mask: no token sees another sequence.
+The LM head and the value head then run on the K kept positions only (K = real response tokens),
+and the results are put back into the `(B, T)` layout, 0 at padding. The caller never sees the
+packing, and padding can change no result: it never enters the model.
 
-Legend: B batch, Q query length, T response length, L = Q + T, V vocabulary.
+Precision: the heads run in fp32 on the fp32 last hidden state, with autocast off (see
+value_head.py). GPT-2's logits sit around −60 to −75, where bf16 steps by 0.25–0.5; logits
+rounded to bf16 would move log-probs by ~0.1 nats, and PPO's ratio would clip on rounding alone.
+
+Legend: B batch, Q query length, T response length, L = Q + T, N packed real tokens, K real
+response tokens, V vocabulary.
 
 References:
   [1] TRL v0.11 `core.logprobs_from_logits` and `PPOTrainer.batched_forward_pass`.
-  [2] Hugging Face `GPT2LMHeadModel.prepare_inputs_for_generation`: position ids from the mask.
+  [2] Hugging Face transformers `masking_utils.find_packed_sequence_indices`: packed sequences
+      are read from `position_ids` when no attention mask is given.
 """
 
 import torch
@@ -40,20 +49,19 @@ import torch
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Log-probability of each token under the distribution given by the logits at its place.
 
-    Computed as `logit[token] − logsumexp(logits)` in fp32, which needs no (B, T, V) copy for the
-    log-softmax and stays accurate when the logits come from a bf16 forward pass.
+    Computed as `logit[token] − logsumexp(logits)` in fp32, which needs no copy of the logits
+    for the log-softmax.
 
     Args:
-        logits: (B, T, V) unnormalised scores, already aligned so that logits[:, t] predict
-            tokens[:, t].
-        tokens: (B, T) token ids.
+        logits: (..., V) unnormalised scores; logits[..., :] predict tokens[...].
+        tokens: (...) token ids.
 
     Returns:
-        logprobs: (B, T) log π(tokens[b, t]), fp32.
+        logprobs: (...) log π(tokens), fp32.
     """
-    logits = logits.float()  # (B, T, V)
-    picked = torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
+    logits = logits.float()  # (..., V)
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)  # (...)
+    return picked - torch.logsumexp(logits, dim=-1)  # (...)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -62,66 +70,57 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v.
 
     Args:
-        logits: (B, T, V).
+        logits: (..., V).
 
     Returns:
-        entropy: (B, T), fp32.
+        entropy: (...), fp32.
     """
-    logits = logits.float()  # (B, T, V)
-    probs = torch.softmax(logits, dim=-1)  # (B, T, V)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # (B, T)
+    logits = logits.float()  # (..., V)
+    probs = torch.softmax(logits, dim=-1)  # (..., V)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # (...)
 
 
-def build_inputs(
+def batched_forward_pass(
+    model,
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    return_logits: bool = False,
 ):
-    """Join left-padded queries and right-padded responses into one model input.
+    """Response log-probs and values (and logits) of a batch, in one packed forward pass.
+
+    Used for the policy and the reference model alike (see the module docstring for the packing).
 
     Args:
+        model: a `CausalLMWithValueHead`, or anything called as `model(input_ids, position_ids,
+            keep=idx)` that returns (logits (K, V), values (K,)) at the flat positions `idx`.
         query_ids: (B, Q) left-padded query tokens.
-        query_mask: (B, Q) True/1 at real query tokens.
+        query_mask: (B, Q) bool, True at real query tokens.
         response_ids: (B, T) right-padded response tokens.
-        response_mask: (B, T) True/1 at real response tokens.
+        response_mask: (B, T) bool, True at real response tokens (a prefix of each row).
+        return_logits: also return the (B, T, V) logits (for the exact KL, or the entropy).
 
     Returns:
-        input_ids: (B, Q+T) query then response.
-        attention_mask: (B, Q+T) long, 1 at real tokens.
-        position_ids: (B, Q+T) long, 0 at the first real token of each row, counting real tokens
-            only. A pad gets the position of the nearest real token before it (or 0); no real
-            token attends to a pad, so that value never matters.
+        logprobs: (B, T) fp32, log π(response_t | query, response_<t); 0 at padding.
+        values: (B, T) fp32, V of the state before response_t; 0 at padding.
+        logits: (B, T, V) fp32, 0 at padding; None unless `return_logits`.
     """
-    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, L)
-    attention_mask = torch.cat([query_mask, response_mask], dim=1).long()  # (B, L)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
-    return input_ids, attention_mask, position_ids
+    B, T = response_ids.shape
+    ids = torch.cat([query_ids, response_ids], dim=1)  # (B, L)
+    real = torch.cat([query_mask, response_mask], dim=1).bool()  # (B, L)
+    is_response = torch.cat([torch.zeros_like(query_mask, dtype=torch.bool), response_mask.bool()], dim=1)  # (B, L)
+    packed_ids = ids[real].unsqueeze(0)  # (1, N), row by row
+    position_ids = (real.long().cumsum(dim=1) - 1)[real].unsqueeze(0)  # (1, N), 0 at each query start
+    keep = is_response[real].nonzero().squeeze(1) - 1  # (K,) the position before each response token
 
+    logits, values = model(packed_ids, position_ids, keep=keep)  # (K, V), (K,)
+    logprobs = gather_logprobs(logits, response_ids[response_mask.bool()])  # (K,) same row-major order
 
-def align_to_response(x: torch.Tensor, response_length: int) -> torch.Tensor:
-    """Keep the columns whose output predicts (or values the state before) each response token.
+    def unpack(x):  # (K, ...) → (B, T, ...), 0 at padding
+        out = x.new_zeros((B, T) + x.shape[1:])
+        out[response_mask.bool()] = x
+        return out
 
-    Args:
-        x: (B, K, ...) per-column model outputs (logits (B, K, V) or values (B, K)) for the last K
-            columns of a query + response input, K ≥ T + 1 (K = L for the full output).
-        response_length: T, the number of response columns.
+    return unpack(logprobs), unpack(values), (unpack(logits) if return_logits else None)
 
-    Returns:
-        (B, T, ...): column t holds the output at input column Q + t − 1 (see the diagram above).
-    """
-    return x[:, -response_length - 1 : -1]  # (B, T, ...)
-
-
-def response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
-    """Response log-probabilities from the logits of one pass over query + response.
-
-    Args:
-        logits: (B, K, V) logits of the last K ≥ T + 1 input columns (K = Q + T for all of them).
-        response_ids: (B, T) right-padded response tokens.
-
-    Returns:
-        logprobs: (B, T); column t is log π(response_t | query, response_<t). Columns past a
-            row's last real token hold finite values that mean nothing: mask them.
-    """
-    return gather_logprobs(align_to_response(logits, response_ids.shape[1]), response_ids)

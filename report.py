@@ -3,16 +3,22 @@
 - `explain`: one PPO step, phase by phase in the tutorial's order, every tensor with its shape,
   a one-line note, and the file and function that computed it. The values are the ones the loop
   used (the `trace` that `ppo_rlhf.ppo_step` returns), not a second computation.
+- `print_step`: one line per PPO step, and a few decoded samples every `--sample-every` steps.
 - `write_samples`: the held-out prompts with the reference's and the trained policy's responses
-  and scores, as a table on the terminal and in `<output-dir>/samples.md`.
-- `plot_curves`: mean score, KL and KL coefficient against step, from `log.jsonl`, into
-  `curves.png` (needs matplotlib, an optional dependency).
+  and scores, mean ± standard error, on the terminal and in `<output-dir>/samples.md`.
+- `plot_curves`: score, KL (with its target) and β against step, from `log.jsonl`, into
+  `curves.png` (needs matplotlib, an optional dependency). `python report.py DIR` redraws it.
 """
 
 import json
+import math
 import os
+import sys
+import time
 
 import torch
+
+from checkpoint import read_log
 
 WIDTH = 100
 
@@ -57,10 +63,10 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
     _show("query_ids", trace["query_ids"], "prompt tokens, padded on the left so all end together", qm)
     _show("response_ids", trace["response_ids"], "sampled tokens, cut at each row's length or first EOS", rm)
 
-    _phase(2, "score: the reward model reads query + response", "rewards.scores_from_pipeline")
-    _show("scores", trace["scores"], f"one number per sequence: the {cfg.reward_label} logit (tiny: lexicon)")
+    _phase(2, "score: the reward model reads query + response", "rewards.pipeline_scorer")
+    _show("scores", trace["scores"], f"one number per sequence: the classifier's {cfg.reward_label} logit")
 
-    _phase(3, "logprobs of policy and reference, values", "logprobs.response_logprobs, value_head")
+    _phase(3, "logprobs of policy and reference, values", "logprobs.batched_forward_pass")
     _show("logprobs", trace["logprobs"], "log π(token) under the policy at rollout (π_old of PPO)", rm)
     _show("ref_logprobs", trace["ref_logprobs"], "log ρ(token) under the frozen reference model", rm)
     _show("values", trace["values"], "V: the value head's estimate of the reward still to come", rm)
@@ -77,8 +83,6 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
 
     _phase(6, "PPO epochs: clipped policy and value losses", "ppo_loss.ppo_loss")
     minibatches = trace["minibatches"]
-    # --explain runs one minibatch of the whole batch, so no column was trimmed and a minibatch's
-    # (b, T) tensors line up with the batch's rows `idx`.
     for title, mb in (("first minibatch of epoch 1", minibatches[0]), (f"last minibatch of epoch {cfg.ppo_epochs}", minibatches[-1])):  # fmt: skip
         idx = mb["idx"]
         mask, adv = rm[idx], trace["advantages"][idx]
@@ -98,40 +102,108 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
     print(f"β before: {trace['kl_coef']:.6f}   β after: {trace['kl_coef_after']:.6f}")
 
 
-def write_samples(path: str, queries, reference, trained, ref_scores, trained_scores) -> str:
-    """Write the before/after table as markdown to `path`; return it as text too."""
+def quiet_libraries() -> None:
+    """One progress bar (ours) and no library chatter on the terminal."""
+    from datasets.utils import logging as datasets_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets_logging.disable_progress_bar()
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase; waits for the GPU so each phase gets its own time."""
+
+    def __init__(self, device):
+        self.device, self.times, self.last = device, {}, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[phase] = now - self.last
+        self.last = now
+
+
+def print_step(record: dict, trace: dict, sample_every: int) -> None:
+    """One line per step (above the progress bar); three decoded samples every `sample_every`."""
+    from tqdm import tqdm
+
+    r, t = record, record["time"]
+    fluency = f"  fluent {r['fluency']:.2f}" if "fluency" in r else ""
+    tqdm.write(
+        f"step {r['step']:4d}  score {r['score']:+.3f}  kl {r['kl']:+.3f}  β {r['kl_coef']:.4f}{fluency}  "
+        f"ent {r['entropy']:.2f}  pg {r['pg_loss']:+.4f}  vf {r['vf_loss']:.4f}  clip {r['pg_clipfrac']:.3f}  "
+        f"| s: gen {t['rollout']:.2f} score {t['score']:.2f} fwd {t['forward']:.2f} upd {t['update']:.2f}"
+    )
+    if sample_every and r["step"] % sample_every == 0:
+        samples = zip(trace["texts"], trace["scores"].tolist(), trace["kl"].sum(1).tolist())
+        for text, score, kl in list(samples)[:3]:
+            tqdm.write(f"    score {score:+.2f}  kl {kl:+.2f}  | {text!r}")
+
+
+def mean_and_sem(xs) -> str:
+    """'mean ± standard error of the mean' of a list of numbers."""
+    n = len(xs)
+    mean = sum(xs) / n
+    sem = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")
+    return f"{mean:+.2f} ± {sem:.2f}"
+
+
+def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows: int = 8) -> str:
+    """Write `samples.md`: held-out prompts, the reference's and the trained policy's responses.
+
+    Args:
+        output_dir: where samples.md goes.
+        queries: N query texts.
+        before, after: (responses, scores) of the reference and of the trained policy.
+        is_fluent: text → bool (the --tiny world's grammar), or None.
+        rows: how many rows of the table to print on the terminal (the file has them all).
+
+    Returns:
+        The path of samples.md.
+    """
 
     def cell(text):
         return text.replace("|", "\\|").replace("\n", " ")
 
-    lines = [
-        "| query | reference response | trained response | ref score | trained score |",
-        "| --- | --- | --- | ---: | ---: |",
-    ]
-    for q, r, t, rs, ts in zip(queries, reference, trained, ref_scores, trained_scores):
-        lines.append(f"| {cell(q)} | {cell(r)} | {cell(t)} | {rs:+.2f} | {ts:+.2f} |")
-    n = len(ref_scores)
-    lines.append(f"| **mean** | | | **{sum(ref_scores) / n:+.2f}** | **{sum(trained_scores) / n:+.2f}** |")
-    text = "\n".join(lines) + "\n"
+    n = len(queries)
+    summary = [f"Held-out prompts: {n}, never trained on. Mean score ± standard error:",
+               f"reference {mean_and_sem(before[1])}, trained policy {mean_and_sem(after[1])}."]  # fmt: skip
+    if is_fluent:
+        fluent = [sum(is_fluent(q + " " + r) for q, r in zip(queries, responses)) / n for responses, _ in (before, after)]
+        summary.append(f"Fluent (a prefix of the tiny grammar): reference {fluent[0]:.0%}, trained policy {fluent[1]:.0%}.")
+    table = ["| query | reference response | trained response | ref score | trained score |",
+             "| --- | --- | --- | ---: | ---: |"]  # fmt: skip
+    for q, r, t, rs, ts in zip(queries, before[0], after[0], before[1], after[1]):
+        table.append(f"| {cell(q)} | {cell(r)} | {cell(t)} | {rs:+.2f} | {ts:+.2f} |")
+    path = os.path.join(output_dir, "samples.md")
     with open(path, "w") as f:
-        f.write(text)
-    return text
+        f.write("\n".join(summary) + "\n\n" + "\n".join(table) + "\n")
+    print(f"\n{' '.join(summary)}\nFirst rows of {path}:")
+    print("\n".join(table[: 2 + rows]))
+    return path
 
 
 PANELS = (("score", "mean score"), ("kl", "KL per response (nats)"), ("kl_coef", "KL coef β"))
 
 
-def draw_curves(records, title: str = ""):
+def draw_curves(records, title: str = "", kl_target=None):
     """A matplotlib figure with one panel per entry of PANELS against step (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = PANELS + ((("fluency", "fluent share (tiny grammar)"),) if "fluency" in records[0] else ())
     steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(7, 7), sharex=True)
-    for ax, (key, label) in zip(axes, PANELS):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True)
+    for ax, (key, label) in zip(axes, panels):
         ax.plot(steps, [r[key] for r in records])
+        if key == "kl" and kl_target:
+            ax.axhline(kl_target, color="gray", linestyle="--", linewidth=1, label=f"target {kl_target:g}")
+            ax.legend(loc="upper left", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("PPO step")
@@ -140,7 +212,7 @@ def draw_curves(records, title: str = ""):
     return fig
 
 
-def plot_curves(output_dir: str):
+def plot_curves(output_dir: str, kl_target=None):
     """Draw `<output_dir>/curves.png` from `<output_dir>/log.jsonl`; return its path, or None
     (with one line of advice) when matplotlib is not installed."""
     try:
@@ -148,10 +220,18 @@ def plot_curves(output_dir: str):
     except ImportError:
         print("curves.png not drawn: matplotlib is not installed (pip install matplotlib)")
         return None
-    with open(os.path.join(output_dir, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    fig = draw_curves(records, f"PPO run: {os.path.normpath(output_dir)}")
+    records = read_log(os.path.join(output_dir, "log.jsonl"))
+    fig = draw_curves(records, f"PPO run: {os.path.normpath(output_dir)}", kl_target)
     path = os.path.join(output_dir, "curves.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    print(f"curves: {path}")
     return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "log.jsonl")):
+        sys.exit("usage: python report.py DIR   (redraws DIR/curves.png from DIR/log.jsonl)")
+    config = os.path.join(sys.argv[1], "trainer_state.pt")
+    target = torch.load(config, weights_only=False)["config"]["kl_target"] if os.path.isfile(config) else None
+    plot_curves(sys.argv[1], target)

@@ -79,6 +79,26 @@ def scores_from_pipeline(outputs, label: str = "POSITIVE") -> torch.Tensor:
     return torch.tensor([score_from_labels(o, label) for o in outputs], dtype=torch.float32)
 
 
+
+def pipeline_scorer(classifier, label: str = "POSITIVE", batch_size: int = 16):
+    """A score function from a Hugging Face text-classification pipeline.
+
+    Args:
+        classifier: the pipeline (`pipeline("text-classification", model=...)`).
+        label: the label whose raw logit is the score.
+        batch_size: texts per forward pass of the classifier.
+
+    Returns:
+        score_fn: B texts → (B,) fp32 raw logits of `label`.
+    """
+
+    def score_fn(texts):
+        # top_k=None: every label, sorted by score (so look `label` up by name); "none": raw logits.
+        outputs = classifier(texts, top_k=None, function_to_apply="none", truncation=True, batch_size=batch_size)
+        return scores_from_pipeline(outputs, label)
+
+    return score_fn
+
 def kl_per_token(logprobs, ref_logprobs, kind: str = "kl", logits=None, ref_logits=None):
     """Per-token estimate of the KL divergence between policy and reference.
 

@@ -1,7 +1,9 @@
 """Tests: plain pytest, CPU, no network. Run with `python -m pytest -q test_all.py`.
 
 Hand-computed tiny cases, vectorised code against slow obvious loops, invariants, and end-to-end
-runs of the offline setup and of the real loading path on tiny local folders.
+runs of the offline world through the real run's loaders. The concept files come first, in the
+order of the files; runs of the whole loop are marked `slow`
+(`python -m pytest -q test_all.py -m "not slow"` skips them).
 """
 
 import ast
@@ -11,15 +13,20 @@ import json
 import math
 import os
 import re
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The --tiny world is built once per test session, into a fresh folder (subprocesses inherit it).
+os.environ.setdefault("PPO_RLHF_TINY_WORLD", os.path.join(tempfile.mkdtemp(prefix="ppo-rlhf-test-"), "world"))
 
 import pytest
 import torch
 
+import checkpoint
 import gae
+import loading
 import logprobs
 import ppo_loss
 import ppo_rlhf
@@ -27,25 +34,31 @@ import report
 import rewards
 import tiny
 import value_head
-from gae import compute_gae, masked_mean, masked_var, masked_whiten
-from logprobs import align_to_response, build_inputs, entropy_from_logits, gather_logprobs, response_logprobs
+from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
+from logprobs import batched_forward_pass, entropy_from_logits, gather_logprobs
 from ppo_loss import ppo_loss as ppo_loss_fn
 from rewards import AdaptiveKLController, FixedKLController, kl_per_token, kl_shaped_rewards, score_from_labels
 from value_head import CausalLMWithValueHead
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONCEPT_FILES = ["value_head.py", "logprobs.py", "rewards.py", "gae.py", "ppo_loss.py"]
+slow = pytest.mark.slow
+
+
+def random_gpt2(vocab_size=300, seed=0):
+    """A 2-layer GPT-2 with random weights: the concept tests need no trained model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)  # fmt: skip
+    return GPT2LMHeadModel(config)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny.build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def lm(tokenizer):
+def lm():
     # Non-zero biases and larger weights than a fresh init, so that wrong positions show.
-    model = tiny.build_policy(tokenizer, seed=1).eval()
+    model = random_gpt2(seed=1).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -54,6 +67,17 @@ def lm(tokenizer):
 
 def ragged_mask(lengths, T):
     return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+
+
+def padded_batch(queries, responses, pad_id=0, extra_left=0):
+    """Left-padded queries and right-padded responses, as the loop holds them."""
+    B, Q, T = len(queries), max(map(len, queries)) + extra_left, max(map(len, responses))
+    q_ids, r_ids = torch.full((B, Q), pad_id), torch.full((B, T), pad_id)
+    q_mask, r_mask = torch.zeros(B, Q, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
+    for i, (q, r) in enumerate(zip(queries, responses)):
+        q_ids[i, Q - len(q) :], q_mask[i, Q - len(q) :] = torch.tensor(q), True
+        r_ids[i, : len(r)], r_mask[i, : len(r)] = torch.tensor(r), True
+    return q_ids, q_mask, r_ids, r_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +134,55 @@ def test_docstring_args_match_signatures(module):
 
 
 # ---------------------------------------------------------------------------------------------
+# value_head.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_value_head_round_trip_and_plain_lm_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = CausalLMWithValueHead(random_gpt2(seed=3))
+    with torch.no_grad():
+        model.v_head.weight.normal_()  # a trained head, not the zero init
+        model.v_head.bias.fill_(0.5)
+    model.save_pretrained(str(tmp_path))
+    loaded = CausalLMWithValueHead.from_pretrained(str(tmp_path), AutoModelForCausalLM)
+    ids = torch.randint(1, 300, (2, 6))
+    positions = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        logits, values = model(ids, positions)
+        logits2, values2 = loaded(ids, positions)
+    assert torch.equal(logits, logits2) and torch.equal(values, values2)
+    assert values.abs().sum() > 0
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, logits, atol=1e-5, rtol=0)
+
+
+def test_value_head_starts_at_zero_and_keeps_chosen_positions():
+    model = CausalLMWithValueHead(random_gpt2())
+    ids = torch.randint(1, 300, (2, 6))
+    positions = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        logits, values = model(ids, positions)
+        kept_logits, kept_values = model(ids, positions, keep=torch.tensor([1, 7, 11]))
+    assert logits.shape == (2, 6, 300) and values.shape == (2, 6)
+    assert torch.equal(values, torch.zeros(2, 6))
+    torch.testing.assert_close(kept_logits, logits.flatten(0, 1)[[1, 7, 11]])
+    assert kept_values.shape == (3,)
+
+
+def test_dropout_off_so_ratio_is_one_in_train_mode():
+    model = CausalLMWithValueHead(random_gpt2()).train()
+    assert model.lm.config.resid_pdrop > 0  # the config asks for dropout; the wrapper removes it
+    ids = torch.randint(1, 300, (4, 8))
+    positions = torch.arange(8).expand(4, 8)
+    first, _ = model(ids, positions)
+    second, _ = model(ids, positions)
+    assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------
 # logprobs.py
 # ---------------------------------------------------------------------------------------------
 
@@ -127,114 +200,88 @@ def test_entropy_from_logits_matches_definition():
     torch.testing.assert_close(entropy_from_logits(logits), -(p * p.log()).sum(-1))
 
 
-def test_response_logprobs_equal_a_token_by_token_loop(lm):
+def test_batched_forward_pass_equals_a_token_by_token_loop(lm):
     query, response = [5, 17, 42], [7, 99, 3, 250]
-    ids = torch.tensor([query + response])
+    q_ids, q_mask, r_ids, r_mask = padded_batch([query], [response])
     with torch.no_grad():
-        logits = lm(input_ids=ids).logits  # (1, L, V)
-        fast = response_logprobs(logits, torch.tensor([response]))[0]
-        slow = []
+        fast, _, _ = batched_forward_pass(CausalLMWithValueHead(lm), q_ids, q_mask, r_ids, r_mask)
+        slow_ = []
         for t, token in enumerate(response):  # π(r_t | query, r_<t), one prefix at a time
             prefix = torch.tensor([query + response[:t]])
-            slow.append(torch.log_softmax(lm(input_ids=prefix).logits[0, -1], -1)[token])
-    torch.testing.assert_close(fast, torch.stack(slow), atol=1e-5, rtol=0)
-
-
-def run_padded(lm, queries, responses, pad_id, extra_left=0):
-    B = len(queries)
-    Q = max(map(len, queries)) + extra_left
-    T = max(map(len, responses))
-    q_ids = torch.full((B, Q), pad_id)
-    q_mask = torch.zeros(B, Q, dtype=torch.bool)
-    r_ids = torch.full((B, T), pad_id)
-    r_mask = torch.zeros(B, T, dtype=torch.bool)
-    for i, (q, r) in enumerate(zip(queries, responses)):
-        q_ids[i, Q - len(q) :], q_mask[i, Q - len(q) :] = torch.tensor(q), True
-        r_ids[i, : len(r)], r_mask[i, : len(r)] = torch.tensor(r), True
-    input_ids, attention_mask, position_ids = build_inputs(q_ids, q_mask, r_ids, r_mask)
-    with torch.no_grad():
-        logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    return response_logprobs(logits, r_ids), r_mask
+            slow_.append(torch.log_softmax(lm(input_ids=prefix).logits[0, -1], -1)[token])
+    torch.testing.assert_close(fast[0], torch.stack(slow_), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padding_changes_nothing(lm, attn):
+def test_packed_batch_equals_each_sequence_run_alone(lm, attn):
+    """Packing several sequences in one row, however padded, changes no log-prob or value."""
     lm.set_attn_implementation(attn)
-    queries = [[5, 17], [8, 9, 10, 11, 12, 13, 14], [300, 2, 77, 4]]
+    model = CausalLMWithValueHead(lm)
+    with torch.no_grad():
+        model.v_head.weight.normal_()  # non-zero values, so misplaced values show
+    queries = [[5, 17], [8, 9, 10, 11, 12, 13, 14], [300 - 1, 2, 77, 4]]
     responses = [[7, 99, 3, 250, 6], [1, 2, 3, 4], [60, 61, 62, 63, 64, 65, 66, 67]]
-    batched, mask = run_padded(lm, queries, responses, pad_id=0)
-    for i in range(3):
-        alone, _ = run_padded(lm, [queries[i]], [responses[i]], pad_id=0)
-        n = len(responses[i])
-        torch.testing.assert_close(batched[i, :n], alone[0, :n], atol=1e-5, rtol=0)
-    more_pads, _ = run_padded(lm, queries, responses, pad_id=0, extra_left=5)
-    other_pad_id, _ = run_padded(lm, queries, responses, pad_id=123)
-    torch.testing.assert_close(more_pads[mask], batched[mask], atol=1e-5, rtol=0)
-    torch.testing.assert_close(other_pad_id[mask], batched[mask], atol=1e-5, rtol=0)
-
-
-def test_build_inputs_positions_count_real_tokens():
-    q_ids, q_mask = torch.tensor([[0, 0, 5, 6]]), torch.tensor([[False, False, True, True]])
-    r_ids, r_mask = torch.tensor([[7, 0]]), torch.tensor([[True, False]])
-    input_ids, attention_mask, position_ids = build_inputs(q_ids, q_mask, r_ids, r_mask)
-    assert input_ids.tolist() == [[0, 0, 5, 6, 7, 0]]
-    assert attention_mask.tolist() == [[0, 0, 1, 1, 1, 0]]
-    assert position_ids.tolist() == [[0, 0, 0, 1, 2, 2]]
-
-
-def test_align_to_response_full_and_kept_columns_agree():
-    x = torch.arange(2 * 9).reshape(2, 9)  # (B, Q+T) with Q = 5, T = 4
-    assert align_to_response(x, 4).tolist() == x[:, 5 - 1 : -1].tolist()
-    assert align_to_response(x[:, -5:], 4).tolist() == x[:, 5 - 1 : -1].tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# value_head.py
-# ---------------------------------------------------------------------------------------------
-
-
-def test_value_head_round_trip_and_plain_lm_load(tmp_path, tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    model = CausalLMWithValueHead(tiny.build_policy(tokenizer, seed=3))
     with torch.no_grad():
-        model.v_head.weight.normal_()  # a trained head, not the zero init
-        model.v_head.bias.fill_(0.5)
-    model.save_pretrained(str(tmp_path))
-    loaded = CausalLMWithValueHead.from_pretrained(str(tmp_path), AutoModelForCausalLM)
-    ids = torch.randint(2, len(tokenizer), (2, 6))
-    args = (ids, torch.ones_like(ids), torch.arange(6).expand(2, 6))
+        batched, values, logits = batched_forward_pass(model, *padded_batch(queries, responses), return_logits=True)
+        more_pads = batched_forward_pass(model, *padded_batch(queries, responses, pad_id=123, extra_left=5))
+        for i, (q, r) in enumerate(zip(queries, responses)):
+            ids = torch.tensor([q + r])  # no padding, no packing: the plain model call
+            out = lm(input_ids=ids, output_hidden_states=True)
+            alone = torch.log_softmax(out.logits[0, len(q) - 1 : -1], -1).gather(1, torch.tensor(r)[:, None])[:, 0]
+            alone_values = model.v_head(out.hidden_states[-1][0, len(q) - 1 : -1]).squeeze(-1)
+            torch.testing.assert_close(batched[i, : len(r)], alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(values[i, : len(r)], alone_values, atol=1e-5, rtol=0)
+            torch.testing.assert_close(logits[i, : len(r)], out.logits[0, len(q) - 1 : -1], atol=1e-4, rtol=0)
+    mask = padded_batch(queries, responses)[3]
+    torch.testing.assert_close(more_pads[0][mask], batched[mask], atol=1e-5, rtol=0)
+    assert torch.equal(batched[~mask], torch.zeros((~mask).sum()))  # padding holds 0
+
+
+def test_packed_sequences_do_not_see_each_other(lm):
+    model = CausalLMWithValueHead(lm)
+    queries, responses = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14, 15, 16]]
+    changed = [[5, 6, 7], [8, 9]], [[20, 21, 22], [13, 14, 15, 16]]  # only the first response differs
     with torch.no_grad():
-        logits, values = model(*args)
-        logits2, values2 = loaded(*args)
-    assert torch.equal(logits, logits2) and torch.equal(values, values2)
-    assert values.abs().sum() > 0
-    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+        a, _, _ = batched_forward_pass(model, *padded_batch(queries, responses))
+        b, _, _ = batched_forward_pass(model, *padded_batch(*changed))
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
+
+
+def gpt2_sized_logits(seed=0):
+    """A tiny GPT-2 whose logits sit near −64, as GPT-2's do, where bf16 steps by 0.25–0.5."""
+    lm = random_gpt2(seed=seed).eval()
     with torch.no_grad():
-        assert torch.equal(plain(input_ids=ids).logits, logits)
+        lm.transformer.ln_f.weight[0], lm.transformer.ln_f.bias[0] = 0.0, 8.0  # hidden[0] = 8
+        lm.transformer.wte.weight[:, 0] = -8.0  # tied LM head: every logit gets 8 · (−8) = −64
+    return CausalLMWithValueHead(lm)
 
 
-def test_value_head_starts_at_zero_and_keeps_last_k(tokenizer):
-    model = CausalLMWithValueHead(tiny.build_policy(tokenizer))
-    ids = torch.randint(2, len(tokenizer), (2, 6))
-    args = (ids, torch.ones_like(ids), torch.arange(6).expand(2, 6))
+def test_bf16_logprobs_stay_close_to_fp32_and_do_not_clip_on_rounding():
+    """Under bf16 autocast the heads run in fp32 (value_head.py), so rounding moves log-probs by
+    less than 0.02 nats, and a small weight change clips no token. Rounding the logits themselves
+    to bf16, as an LM head under autocast would, fails both."""
+    model = gpt2_sized_logits()
+    torch.manual_seed(0)
+    q_ids, r_ids = torch.randint(1, 300, (16, 5)), torch.randint(1, 300, (16, 12))
+    q_mask, r_mask = torch.ones(16, 5, dtype=torch.bool), torch.ones(16, 12, dtype=torch.bool)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     with torch.no_grad():
-        logits, values = model(*args)
-        kept_logits, kept_values = model(*args, logits_to_keep=3)
-    assert logits.shape == (2, 6, len(tokenizer)) and values.shape == (2, 6)
-    assert torch.equal(values, torch.zeros(2, 6))
-    torch.testing.assert_close(kept_logits, logits[:, -3:])
-    assert kept_values.shape == (2, 3)
-
-
-def test_dropout_off_so_ratio_is_one_in_train_mode(tokenizer):
-    model = CausalLMWithValueHead(tiny.build_policy(tokenizer)).train()
-    assert model.lm.config.resid_pdrop > 0  # the config asks for dropout; the wrapper removes it
-    ids = torch.randint(2, len(tokenizer), (4, 8))
-    args = (ids, torch.ones_like(ids), torch.arange(8).expand(4, 8))
-    first, _ = model(*args)
-    second, _ = model(*args)
-    assert torch.equal(first, second)
+        fp32, _, logits = batched_forward_pass(model, q_ids, q_mask, r_ids, r_mask, return_logits=True)
+        assert logits.mean() < -55  # GPT-2-like magnitudes
+        with bf16():
+            old, _, _ = batched_forward_pass(model, q_ids, q_mask, r_ids, r_mask)
+        assert (old - fp32).abs().max() < 0.02
+        rounded = gather_logprobs(logits.bfloat16(), r_ids)  # what bf16 logits would give
+        assert (rounded - fp32).abs().max() > 0.05
+        for p in model.parameters():
+            p.mul_(1 + 1e-3 * torch.randn_like(p))  # a small real change of the weights
+        with bf16():
+            new, _, _ = batched_forward_pass(model, q_ids, q_mask, r_ids, r_mask)
+        _, _, new_logits = batched_forward_pass(model, q_ids, q_mask, r_ids, r_mask, return_logits=True)
+    ratio = torch.exp(new - old)
+    assert ((ratio - 1).abs() > 0.2).sum() == 0  # nothing clipped by rounding
+    rounded_ratio = torch.exp(gather_logprobs(new_logits.bfloat16(), r_ids) - rounded)
+    assert ((rounded_ratio - 1).abs() > 0.2).float().mean() > 0.02  # bf16 logits clip a few percent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,15 +347,12 @@ def test_full_kl_matches_direct_sum():
 
 @pytest.mark.parametrize("kind", ["kl", "abs", "mse", "full"])
 def test_kl_is_zero_when_policy_is_reference(lm, kind):
-    ids = torch.randint(2, 300, (3, 9))
+    ids = torch.randint(1, 300, (3, 9))
     with torch.no_grad():
-        logits = lm(input_ids=ids).logits
-        ref_logits = lm(input_ids=ids).logits
-    lp = response_logprobs(logits, ids[:, -4:])
-    ref = response_logprobs(ref_logits, ids[:, -4:])
-    _, nsr, kl = kl_shaped_rewards(
-        torch.ones(3), lp, ref, ragged_mask([4, 2, 3], 4), 0.2, kind, logits[:, -5:-1], ref_logits[:, -5:-1]
-    )
+        logits = lm(input_ids=ids).logits[:, -5:-1]  # the outputs that predict the last 4 tokens
+        ref_logits = lm(input_ids=ids).logits[:, -5:-1]
+    lp, ref = gather_logprobs(logits, ids[:, -4:]), gather_logprobs(ref_logits, ids[:, -4:])
+    _, nsr, kl = kl_shaped_rewards(torch.ones(3), lp, ref, ragged_mask([4, 2, 3], 4), 0.2, kind, logits, ref_logits)
     assert kl.abs().max() < 1e-6 and nsr.abs().max() < 1e-6
 
 
@@ -391,6 +435,15 @@ def test_masked_stats_equal_unmasked_stats_on_the_kept_values():
     torch.testing.assert_close(kept_mean.mean(), kept.mean(), atol=1e-5, rtol=0)
 
 
+def test_explained_variance_hand_cases():
+    mask = ragged_mask([3, 2], 3)
+    returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])  # 99 is padding
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    constant = torch.full((2, 3), 3.0)  # the mean of the real returns
+    assert explained_variance(constant, returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert explained_variance(-returns, returns, mask).item() < 0
+
+
 # ---------------------------------------------------------------------------------------------
 # ppo_loss.py
 # ---------------------------------------------------------------------------------------------
@@ -464,8 +517,10 @@ def test_masked_positions_get_exactly_zero_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
-# ppo_rlhf.py: rollout, CLI, end to end
+# ppo_rlhf.py: the rollout and the command line
 # ---------------------------------------------------------------------------------------------
+
+TOKENIZER = tiny.build_tokenizer()  # EOS = pad = 0, as in random_gpt2
 
 
 def test_cut_responses_lengths_and_early_eos():
@@ -483,19 +538,19 @@ def test_cut_responses_lengths_and_early_eos():
     assert ids.tolist() == [[5, 6, 7, eos], [5, eos, eos, eos], [eos, eos, eos, eos], [5, 6, 7, 8]]
 
 
-def test_batched_rollout_gives_asked_lengths_and_masks(tokenizer):
+def test_batched_rollout_gives_asked_lengths_and_masks():
     cfg = ppo_rlhf.tiny_config(response_min_len=2, response_max_len=9)
-    policy = CausalLMWithValueHead(tiny.build_policy(tokenizer))
-    policy.lm.generation_config = ppo_rlhf.build_generation_config(tokenizer)
-    eos = tokenizer.eos_token_id
+    policy = CausalLMWithValueHead(random_gpt2())
+    policy.lm.generation_config = loading.pure_sampling(TOKENIZER)
+    eos, V = TOKENIZER.eos_token_id, 300
     with torch.no_grad():  # the last hidden state is the constant u = e_0, so p(EOS) = 0.2 at every step
         policy.lm.transformer.ln_f.weight.zero_()
         policy.lm.transformer.ln_f.bias.zero_()
         policy.lm.transformer.ln_f.bias[0] = 1.0
         policy.lm.lm_head.weight[:, 0] = 0.0  # tied with the input embeddings; only column 0 matters
-        policy.lm.lm_head.weight[eos, 0] = math.log(0.25 * (len(tokenizer) - 1))
+        policy.lm.lm_head.weight[eos, 0] = math.log(0.25 * (V - 1))
     queries = [[5, 6], [7, 8, 9, 10], [11], [12, 13, 14], [15, 16], [17], [18, 19, 20, 21, 22], [23, 24]]
-    q_ids, q_mask = ppo_rlhf.left_pad(queries, tokenizer.pad_token_id, "cpu")
+    q_ids, q_mask = loading.left_pad(queries, TOKENIZER.pad_token_id, "cpu")
     torch.manual_seed(0)
     lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (8,))
     torch.manual_seed(0)
@@ -510,59 +565,128 @@ def test_batched_rollout_gives_asked_lengths_and_masks(tokenizer):
     assert (n < lengths).any() and (n == lengths).any()  # both cases happened (seeded)
 
 
-def test_trim_padding_drops_only_all_pad_columns():
-    q_mask = torch.tensor([[False, False, True], [False, True, True]])
-    r_mask = ragged_mask([2, 1], 4)
-    mb = dict(query_ids=torch.arange(6).reshape(2, 3), query_mask=q_mask, response_ids=torch.arange(8).reshape(2, 4),
-              response_mask=r_mask, advantages=torch.ones(2, 4))  # fmt: skip
-    out = ppo_rlhf.trim_padding(mb)
-    assert out["query_ids"].tolist() == [[1, 2], [4, 5]] and out["query_mask"].shape == (2, 2)
-    assert out["response_ids"].tolist() == [[0, 1], [4, 5]] and out["advantages"].shape == (2, 2)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generation_samples_from_the_distribution_ppo_scores(lm, attn):
+    """Log-probs that `generate` sampled with (left-padded, positions from the mask inside HF)
+    equal the ones the loop recomputes, packed: rollout and update see one policy."""
+    lm.set_attn_implementation(attn)
+    policy = CausalLMWithValueHead(lm).eval()
+    policy.lm.generation_config = loading.pure_sampling(TOKENIZER)
+    q_ids, q_mask = loading.left_pad([[5, 6], [7, 8, 9, 10, 11, 12], [13]], TOKENIZER.pad_token_id, "cpu")
+    out = policy.generate(
+        input_ids=q_ids, attention_mask=q_mask.long(), max_new_tokens=6, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    generated = out.sequences[:, q_ids.shape[1] :]
+    sampled_with = gather_logprobs(torch.stack(out.logits, 1), generated)  # (B, 6)
+    r_ids, r_mask = ppo_rlhf.cut_responses(generated, torch.tensor([6, 6, 6]), TOKENIZER.eos_token_id)
+    with torch.no_grad():
+        recomputed, _, _ = batched_forward_pass(policy, q_ids, q_mask, r_ids, r_mask)
+    T = r_ids.shape[1]
+    torch.testing.assert_close(recomputed[r_mask], sampled_with[:, :T][r_mask], atol=1e-5, rtol=0)
 
 
-def test_cli_help_and_tiny_overrides(capsys):
+def test_cli_help_groups_and_tiny_overrides(capsys):
     with pytest.raises(SystemExit) as e:
         ppo_rlhf.parse_args(["--help"])
     assert e.value.code == 0
     help_text = capsys.readouterr().out
     for f in ppo_rlhf.dataclasses.fields(ppo_rlhf.Config):
         assert "--" + f.name.replace("_", "-") in help_text
+    headings = [help_text.index("\n" + h + ":") for h in ppo_rlhf.HELP_GROUPS.values()]
+    assert headings == sorted(headings)  # the groups, in the order of Config
     cfg = ppo_rlhf.parse_args(["--tiny", "--batch-size", "128", "--seed", "3"])
     assert cfg.tiny and cfg.batch_size == 128 and cfg.seed == 3 and cfg.lr == ppo_rlhf.TINY_OVERRIDES["lr"]
     assert ppo_rlhf.parse_args([]) == ppo_rlhf.Config()
 
 
+# ---------------------------------------------------------------------------------------------
+# tiny.py: the offline world
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fluency_check_hand_cases():
+    assert tiny.is_fluent("i watched this movie last night , the plot was really good .")
+    assert tiny.is_fluent("the acting is")  # a review cut anywhere is still fluent
+    assert tiny.is_fluent("i really loved it . the ending was dull but the music is superb .")
+    assert not tiny.is_fluent("great great superb great")
+    assert not tiny.is_fluent("the movie was great great")
+    assert not tiny.is_fluent("i watched this movie the")
+    rng = __import__("random").Random(0)
+    assert all(tiny.is_fluent(tiny.sample_review(rng)[0]) for _ in range(200))
+
+
+def test_world_builds_offline_and_deterministically(tmp_path):
+    small = dict(n_reviews=200, lm_steps=3, cls_steps=3)
+    a = tiny.build_world(str(tmp_path / "a"), **small)
+    b = tiny.build_world(str(tmp_path / "b"), **small)
+    for sub in ("policy", "reward"):
+        x = open(os.path.join(a[0 if sub == "policy" else 1], "model.safetensors"), "rb").read()
+        y = open(os.path.join(b[0 if sub == "policy" else 1], "model.safetensors"), "rb").read()
+        assert x == y, sub
+    assert open(a[2]).read() == open(b[2]).read()
+    assert json.load(open(tmp_path / "a" / "world.json"))["version"] == tiny.WORLD_VERSION
+
+
+@slow
+def test_world_is_a_miniature_of_the_real_one():
+    """The pretrained policy writes fluent reviews; the classifier's POSITIVE logit ranks them,
+    and rewards a pile of positive words even more (the reward can be gamed)."""
+    from transformers import pipeline
+
+    policy_dir, reward_dir, _ = tiny.ensure_world()
+    policy, tokenizer = loading.load_policy_and_tokenizer(policy_dir, torch.device("cpu"))
+    q_ids, q_mask = loading.left_pad([tokenizer.encode(t) for t in ["i watched this", "the plot"] * 16],
+                                     tokenizer.pad_token_id, "cpu")  # fmt: skip
+    torch.manual_seed(0)
+    out = policy.generate(input_ids=q_ids, attention_mask=q_mask.long(), max_new_tokens=12)
+    assert tiny.fluency(tokenizer.batch_decode(out, skip_special_tokens=True)) >= 0.8
+    score = rewards.pipeline_scorer(pipeline("text-classification", model=reward_dir))
+    s = score(["the movie was great .", "the movie was dull .", "great superb great brilliant great"]).tolist()
+    assert s[0] > 0 > s[1] and s[2] > s[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs of the whole loop
+# ---------------------------------------------------------------------------------------------
+
+
+@slow
 def test_tiny_run_end_to_end(tmp_path):
-    history = ppo_rlhf.main(ppo_rlhf.tiny_config(steps=3, output_dir=str(tmp_path), sample_every=2))
-    assert len(history) == 3
-    lines = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert [r["step"] for r in lines] == [1, 2, 3]
+    history = ppo_rlhf.main(ppo_rlhf.tiny_config(steps=3, output_dir=str(tmp_path), sample_every=2, eval_prompts=6))
+    lines = checkpoint.read_log(str(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in lines] == [1, 2, 3] and len(history) == 3
+    keys = ("score", "score_std", "kl", "pg_loss", "vf_loss", "entropy", "explained_variance", "advantages_mean",
+            "advantages_std", "returns_mean", "fluency")  # fmt: skip
     for r in lines:
-        assert all(math.isfinite(r[k]) for k in ("score", "kl", "pg_loss", "vf_loss", "entropy"))
+        assert all(math.isfinite(r[k]) for k in keys) and 0 <= r["kl_negative"] <= 32
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference before any update
     assert os.path.isfile(tmp_path / value_head.VALUE_HEAD_FILE)
-    table = open(tmp_path / "samples.md").read().splitlines()
-    rows = [r for r in table[2:] if not r.startswith("| **mean**")]
-    assert len(rows) == ppo_rlhf.TINY_OVERRIDES["eval_prompts"]
-    assert all(r.count(" | ") == 4 for r in rows)  # query | reference | trained | two scores
-    mean_row = [r for r in table if r.startswith("| **mean**")]
-    assert len(mean_row) == 1 and len(re.findall(r"[+-]\d+\.\d\d", mean_row[0])) == 2
+    text = open(tmp_path / "samples.md").read()
+    assert re.search(r"reference [+-]\d+\.\d\d ± \d+\.\d\d, trained policy [+-]\d+\.\d\d ± \d+\.\d\d", text)
+    assert "Fluent" in text
+    rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith(("| query", "| ---"))]
+    assert len(rows) == 6 and all(r.count(" | ") == 4 for r in rows)
 
 
-def test_curves_png_has_three_panels(tmp_path):
+@slow
+def test_curves_png_and_report_redraw(tmp_path):
     pytest.importorskip("matplotlib")
+    import subprocess
+    import sys
+
     from matplotlib import image
 
-    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=3, output_dir=str(tmp_path), sample_every=0))
+    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=3, output_dir=str(tmp_path), sample_every=0, eval_prompts=0))
     png = tmp_path / "curves.png"
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert image.imread(str(png)).shape[0] > 100  # decodes as an image
-    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    fig = report.draw_curves(records)
-    assert [ax.get_ylabel() for ax in fig.axes] == [label for _, label in report.PANELS]
-    assert [len(ax.lines[0].get_xdata()) for ax in fig.axes] == [3, 3, 3]
+    fig = report.draw_curves(checkpoint.read_log(str(tmp_path / "log.jsonl")), kl_target=6.0)
+    assert [ax.get_ylabel() for ax in fig.axes][:3] == [label for _, label in report.PANELS]
+    assert len(fig.axes) == 4  # --tiny adds fluency
+    assert [len(ax.lines[0].get_xdata()) for ax in fig.axes] == [3, 3, 3, 3]
+    assert fig.axes[1].lines[1].get_ydata()[0] == 6.0  # the KL target, drawn as a line
     os.remove(png)
-    ppo_rlhf.main(ppo_rlhf.parse_args(["--plot", str(tmp_path)]))  # --plot redraws it from log.jsonl
+    subprocess.run([sys.executable, os.path.join(HERE, "report.py"), str(tmp_path)], check=True, capture_output=True)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -577,6 +701,7 @@ def test_without_matplotlib_a_run_says_how_to_get_curves(tmp_path, monkeypatch, 
     assert not (tmp_path / "curves.png").exists()
 
 
+@slow
 def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
     [record] = ppo_rlhf.main(ppo_rlhf.tiny_config(explain=True, output_dir=str(tmp_path)))
     out = capsys.readouterr().out
@@ -586,7 +711,7 @@ def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
                    "returns (", "ratio (", "−A·ratio (", "−A·clip(ratio) (", "pg_loss  =", "vf_loss  =",
                    "β before:", "β after:"]:  # fmt: skip
         assert needle in out, needle
-    assert max(len(line) for line in out.splitlines() if not line.startswith("config:")) <= 100
+    assert max(len(line) for line in out.splitlines() if not line.startswith(("config:", "loading"))) <= 100
     tr, cfg = record["trace"], ppo_rlhf.tiny_config()
     mask = tr["response_mask"]
     raw, returns = compute_gae(tr["rewards"], tr["values"], mask, cfg.gamma, cfg.lam)
@@ -600,56 +725,45 @@ def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
             mask[i], cfg.cliprange, cfg.cliprange_value,
         )  # fmt: skip
         assert pg.item() == pytest.approx(mb["pg_loss"]) and vf.item() == pytest.approx(mb["vf_loss"])
-        assert f"pg_loss  = {mb['pg_loss']:+.5f}" in out or mb is not tr["minibatches"][0]
+    assert f"pg_loss  = {tr['minibatches'][0]['pg_loss']:+.5f}" in out
     assert tr["minibatches"][0]["ratio_max"] == 1.0  # the first minibatch sees the rollout weights
 
 
-def test_real_path_on_local_folders(tmp_path):
+@slow
+def test_explicit_local_folders_load_like_the_hub_names(tmp_path):
     from transformers import AutoModelForCausalLM, pipeline
 
-    policy_dir, reward_dir, csv_path = tiny.save_tiny_world(str(tmp_path / "world"))
+    policy_dir, reward_dir, csv_path = tiny.ensure_world()
     out = tmp_path / "run"
     cfg = ppo_rlhf.parse_args(
         ["--model", policy_dir, "--reward-model", reward_dir, "--dataset", csv_path, "--steps", "2",
-         "--batch-size", "8", "--mini-batch-size", "4", "--lr", "1e-3", "--output-dir", str(out)]
+         "--batch-size", "8", "--mini-batch-size", "4", "--min-review-chars", "0", "--eval-prompts", "0",
+         "--output-dir", str(out)]
     )  # fmt: skip
     history = ppo_rlhf.main(cfg)
     assert len(history) == 2 and all(math.isfinite(r["score"]) for r in history)
     lm = AutoModelForCausalLM.from_pretrained(str(out))
     assert lm.config.vocab_size == len(tiny.VOCAB)
     generator = pipeline("text-generation", model=str(out))
-    text = generator("this movie", max_new_tokens=3, do_sample=False)[0]["generated_text"]
-    assert text.startswith("this movie")
+    text = generator("the movie", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the movie")
 
 
-def test_tiny_run_learns_on_three_seeds(tmp_path):
-    for seed in (0, 1, 2):
-        history = ppo_rlhf.main(ppo_rlhf.tiny_config(seed=seed, output_dir=str(tmp_path / str(seed)), sample_every=0))
-        scores = [r["score"] for r in history]
-        assert all(math.isfinite(r["kl"]) for r in history)
-        first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
-        assert last >= first + 1.5, (seed, first, last)
+@slow
+def test_kl_penalty_keeps_the_text_fluent_and_without_it_the_reward_is_gamed(tmp_path):
+    """The tutorial's point, on --tiny: with the KL penalty the score rises and the text stays
+    fluent; with it off the score rises as much or more, and fluency collapses."""
+    runs = {}
+    for name, extra in [("kl", {}), ("no_kl", dict(init_kl_coef=0.0, adaptive_kl=False))]:
+        history = ppo_rlhf.main(ppo_rlhf.tiny_config(output_dir=str(tmp_path / name), sample_every=0, **extra))
+        last = history[-5:]
+        runs[name] = dict(gain=sum(r["score"] for r in last) / 5 - sum(r["score"] for r in history[:5]) / 5,
+                          fluency=sum(r["fluency"] for r in last) / 5)  # fmt: skip
+    assert runs["kl"]["gain"] > TINY_MIN_GAIN and runs["kl"]["fluency"] >= 0.7, runs
+    assert runs["no_kl"]["gain"] >= runs["kl"]["gain"] and runs["no_kl"]["fluency"] < 0.5, runs
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_generation_samples_from_the_distribution_ppo_scores(lm, tokenizer, attn):
-    """Log-probs that `generate` sampled with (left-padded, positions from the mask inside HF)
-    equal the ones the loop recomputes with `build_inputs`: rollout and update see one policy."""
-    lm.set_attn_implementation(attn)
-    policy = CausalLMWithValueHead(lm).eval()
-    policy.lm.generation_config = ppo_rlhf.build_generation_config(tokenizer)
-    q_ids, q_mask = ppo_rlhf.left_pad([[5, 6], [7, 8, 9, 10, 11, 12], [13]], tokenizer.pad_token_id, "cpu")
-    out = policy.generate(
-        input_ids=q_ids, attention_mask=q_mask.long(), max_new_tokens=6, output_logits=True,
-        return_dict_in_generate=True,
-    )  # fmt: skip
-    generated = out.sequences[:, q_ids.shape[1] :]
-    sampled_with = gather_logprobs(torch.stack(out.logits, 1), generated)  # (B, 6)
-    r_ids, r_mask = ppo_rlhf.cut_responses(generated, torch.tensor([6, 6, 6]), tokenizer.eos_token_id)
-    with torch.no_grad():
-        recomputed, _, _ = ppo_rlhf.forward_logprobs(policy, build_inputs(q_ids, q_mask, r_ids, r_mask), r_ids, True)
-    T = r_ids.shape[1]
-    torch.testing.assert_close(recomputed[r_mask], sampled_with[:, :T][r_mask], atol=1e-5, rtol=0)
+TINY_MIN_GAIN = 0.4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,8 +772,8 @@ def test_generation_samples_from_the_distribution_ppo_scores(lm, tokenizer, attn
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return tiny.save_tiny_world(str(tmp_path_factory.mktemp("world")))
+def world():
+    return tiny.ensure_world()
 
 
 def run_cli(argv, capsys):
@@ -671,7 +785,8 @@ def run_cli(argv, capsys):
 def local_args(world, out, *extra):
     policy_dir, reward_dir, csv_path = world
     return ["--model", policy_dir, "--reward-model", reward_dir, "--dataset", csv_path, "--batch-size", "8",
-            "--mini-batch-size", "4", "--steps", "1", "--output-dir", str(out), *extra]  # fmt: skip
+            "--mini-batch-size", "4", "--steps", "1", "--min-review-chars", "0", "--eval-prompts", "0",
+            "--output-dir", str(out), *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -691,8 +806,11 @@ def local_args(world, out, *extra):
         (["--kl-kind", "kl2"], "choose one of kl, abs, mse, full"),
         (["--device", "gpu"], "use auto, cpu, cuda or cuda:N"),
         (["--eval-prompts", "-1"], "--eval-prompts must not be negative"),
+        (["--tiny"], "--tiny builds its own policy, reward model and prompts, so --model and --reward-model and "
+                     "--dataset would be ignored: drop them, or drop --tiny"),
     ],
 )
+@slow
 def test_bad_input_is_one_line_naming_the_fix(world, tmp_path, capsys, extra, expected):
     code, err = run_cli(local_args(world, tmp_path / "out", *extra), capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
@@ -714,6 +832,12 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and err == ["error: --device cuda: this machine has no CUDA GPU; use --device cpu"]
 
 
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has bf16 instructions")
+def test_bf16_on_a_cpu_without_bf16_is_a_clear_error(tmp_path, capsys):
+    code, err = run_cli(["--tiny", "--dtype", "bf16", "--device", "cpu", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "no bf16 matrix instructions" in err[0] and "--dtype fp32" in err[0]
+
+
 def test_command_line_error_has_no_traceback(tmp_path):
     import subprocess
     import sys
@@ -726,56 +850,64 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: --batch-size 32 is not a multiple of --mini-batch-size 5"]
 
 
+@slow
 def test_nan_stops_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    calls, lexicon_score = [], tiny.lexicon_score
+    import loading
 
-    def score_nan_on_third_batch(texts):
-        scores = lexicon_score(texts)
-        if len(texts) == 32:  # a training batch, not the held-out prompts
+    calls, real_scorer = [], loading.pipeline_scorer
+
+    def scorer_nan_on_third_batch(*args):
+        score_fn = real_scorer(*args)
+
+        def scores(texts):
+            out = score_fn(texts)
             calls.append(1)
             if len(calls) == 3:
-                scores[5] = float("nan")
+                out[5] = float("nan")
+            return out
+
         return scores
 
-    monkeypatch.setattr(tiny, "lexicon_score", score_nan_on_third_batch)
+    monkeypatch.setattr(loading, "pipeline_scorer", scorer_nan_on_third_batch)
     out = tmp_path / "faulty"
     with pytest.raises(ppo_rlhf.NonFiniteError, match=r"step 3: NaN or inf in scores \(rows \[5\]\).*rewards"):
-        ppo_rlhf.main(ppo_rlhf.tiny_config(steps=6, save_every=1, output_dir=str(out), sample_every=0))
-    assert [r["step"] for r in ppo_rlhf.read_log(str(out / "log.jsonl"))] == [1, 2]
-    assert ppo_rlhf.load_trainer_state(str(out))["step"] == 2
+        ppo_rlhf.main(ppo_rlhf.tiny_config(steps=6, save_every=1, output_dir=str(out), sample_every=0, eval_prompts=0))
+    assert [r["step"] for r in checkpoint.read_log(str(out / "log.jsonl"))] == [1, 2]
+    assert checkpoint.load_trainer_state(str(out))["step"] == 2
     monkeypatch.undo()
     clean = tmp_path / "clean"
-    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=2, output_dir=str(clean), sample_every=0))
+    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=2, output_dir=str(clean), sample_every=0, eval_prompts=0))
     kept = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(str(clean)).state_dict().items():
         assert torch.equal(kept[name], tensor), name  # the checkpoint on disk is the step-2 policy
 
 
-def test_nonfinite_loss_never_reaches_the_optimizer(tokenizer):
-    cfg = ppo_rlhf.tiny_config(ppo_epochs=1, mini_batch_size=2)
-    policy = CausalLMWithValueHead(tiny.build_policy(tokenizer))
-    optimizer = ppo_rlhf.make_optimizer(policy, 1e-2)
+def test_nonfinite_loss_never_reaches_the_optimizer():
+    cfg = ppo_rlhf.tiny_config(ppo_epochs=1, mini_batch_size=2, lr=1e-2)
+    policy = CausalLMWithValueHead(random_gpt2())
+    _, optimizer, _ = ppo_rlhf.prepare_training(policy, cfg)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    q_ids, q_mask = ppo_rlhf.left_pad([[5, 6], [7]], tokenizer.pad_token_id, "cpu")
+    q_ids, q_mask = loading.left_pad([[5, 6], [7]], TOKENIZER.pad_token_id, "cpu")
     r_ids, r_mask = torch.tensor([[8, 9], [10, 0]]), ragged_mask([2, 1], 2)
     batch = dict(query_ids=q_ids, query_mask=q_mask, response_ids=r_ids, response_mask=r_mask,
                  logprobs=torch.zeros(2, 2), values=torch.zeros(2, 2),
                  advantages=torch.full((2, 2), float("nan")), returns=torch.zeros(2, 2))  # fmt: skip
-    with pytest.raises(ppo_rlhf.NonFiniteError, match="non-finite loss"):
+    with pytest.raises(ppo_rlhf.NonFiniteError, match="non-finite loss in epoch 1, minibatch 1"):
         ppo_rlhf.ppo_update(policy, optimizer, batch, cfg, contextlib.nullcontext)
     for name, tensor in policy.state_dict().items():
         assert torch.equal(before[name], tensor), name
 
 
+@slow
 def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_log(tmp_path):
     import signal
     import subprocess
     import sys
     import time
 
-    args = ["--tiny", "--steps", "20", "--sample-every", "0"]
+    args = ["--tiny", "--steps", "20", "--sample-every", "0", "--eval-prompts", "4"]
     straight = tmp_path / "straight"
     ppo_rlhf.main(ppo_rlhf.parse_args(args + ["--output-dir", str(straight)]))
 
@@ -792,11 +924,11 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_log(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert f"continue with: python ppo_rlhf.py --resume {interrupted}" in out
-    stopped_at = ppo_rlhf.load_trainer_state(str(interrupted))["step"]
+    stopped_at = checkpoint.load_trainer_state(str(interrupted))["step"]
     assert 4 <= stopped_at < 20
 
     assert ppo_rlhf.cli(["--resume", str(interrupted)]) == 0
-    a, b = ppo_rlhf.read_log(str(straight / "log.jsonl")), ppo_rlhf.read_log(str(log))
+    a, b = checkpoint.read_log(str(straight / "log.jsonl")), checkpoint.read_log(str(log))
     assert [r["step"] for r in b] == list(range(1, 21))
     for x, y in zip(a, b):
         x.pop("time"), y.pop("time")

@@ -1,240 +1,268 @@
-"""The offline world for `python ppo_rlhf.py --tiny`: everything built in code, nothing downloaded.
+"""The offline world of `python ppo_rlhf.py --tiny`: a miniature of the real run, built in code.
 
-It stands in for the three things the real run downloads:
+    real run                                 --tiny (built here on first use, then cached)
+    English                                  a small review language: the grammar below
+    lvwerra/gpt2-imdb: GPT-2 fine-tuned on   a 2-layer GPT-2 pretrained on reviews of that
+      IMDB reviews                             language (the starting policy and the reference)
+    lvwerra/distilbert-imdb: POSITIVE logit  a 1-layer DistilBERT trained on the labelled reviews
+    the imdb train split                     a CSV of reviews, whose first words are the prompts
 
-    real run                              --tiny
-    lvwerra/gpt2-imdb (GPT-2, BPE)        a 2-layer GPT-2, random init, on a word-level
-                                          vocabulary of the ~300 words below
-    lvwerra/distilbert-imdb POSITIVE      `lexicon_score`: a word-counting sentiment score,
-      logit                               bounded like a classifier logit
-    imdb train split                      `REVIEW_OPENINGS`, a few dozen review openings
+The run then loads the three through the real run's own calls (`from_pretrained`,
+`pipeline("text-classification")`, `load_dataset("csv")`): only the paths differ.
 
-The tokenizer and the policy are real Hugging Face objects (`PreTrainedTokenizerFast`,
-`GPT2LMHeadModel`), so the training loop runs exactly the code the real run does; only the
-score function differs. `save_tiny_world` writes the same stand-ins as folders and a CSV (plus a
-tiny DistilBERT classifier with NEGATIVE/POSITIVE labels), so the real loading path
-(`from_pretrained`, `pipeline`, `load_dataset`) can be run and tested offline too.
+The language. A review is one to three sentences; a sentence is an optional opening ("i watched
+this film last night ,"), then one or two clauses ("the acting was really good but the ending
+was dull"), then "." Each clause carries a positive or a negative word, so reviews come positive,
+negative or mixed. The grammar is regular, so `is_fluent` can tell whether a text reads as the
+beginning of a review, cut anywhere: that is the fluency the KL penalty is there to keep. A
+policy that games the classifier ("great great superb great") scores high and fails the check.
 
-The score. Each word of the text counts +1 if it is in `POSITIVE_WORDS`, −1 if it is in
-`NEGATIVE_WORDS`, 0 otherwise; with n the sum,
-
-    score = 4 · tanh(n / 4)
-
-which is near n for a few sentiment words and saturates at ±4, the range of the real POSITIVE
-logit. A random policy writes about as many positive as negative words (score near 0); a policy
-that has learnt the task writes mostly positive ones (score near 4). No negation handling: "not
-good" counts as positive, which is exactly the kind of shortcut a learned reward can teach too.
+Cache: `$PPO_RLHF_TINY_WORLD`, or `~/.cache/ppo_rlhf/tiny-world-v<WORLD_VERSION>`; a folder is
+used only if its `world.json` carries this WORLD_VERSION, and is rebuilt otherwise.
 """
 
-import math
+import json
 import os
+import random
+import shutil
 
 import torch
 
-EOS = "<|endoftext|>"
-UNK = "[UNK]"
+WORLD_VERSION = 1
+EOS, UNK, CLS = "<|endoftext|>", "[UNK]", "[CLS]"
 
-POSITIVE_WORDS = (
-    "good great excellent wonderful superb brilliant amazing beautiful best lovely fantastic "
-    "perfect enjoyable fun funny charming delightful moving touching masterpiece gem classic "
-    "favorite favourite loved love enjoyed liked fine fresh clever smart stunning powerful "
-    "memorable hilarious gripping solid strong warm sweet heartfelt recommend impressive "
-    "outstanding terrific marvelous engaging entertaining inspired tender rich"
-).split()
+POSITIVE = "good great wonderful brilliant superb excellent beautiful funny moving charming clever enjoyable".split()
+NEGATIVE = "bad awful terrible boring dull weak silly poor predictable messy tedious bland".split()
+LIKED, DISLIKED = "loved liked enjoyed".split(), "hated disliked".split()
 
-NEGATIVE_WORDS = (
-    "bad awful terrible horrible worst boring dull poor weak stupid silly waste wasted "
-    "disappointing disappointed mess lame annoying painful pointless ugly cheap tedious slow "
-    "hated hate bland forgettable predictable awkward clumsy flat confusing unfunny sloppy "
-    "mediocre laughable ridiculous dreadful lousy bored messy shallow nonsense garbage trash "
-    "unwatchable overlong pretentious cringe dumb"
-).split()
-
-NEUTRAL_WORDS = (
-    "the a an and or but so of to in on at for with from by about as into than then that this "
-    "these those there here it its it's is was were be been being are am has have had do does "
-    "did i me my we our you your he him his she her they them their who what which when where "
-    "why how not no never very really quite just too also only even still more most much many "
-    "some any all every one two three first second last again once ever while after before "
-    "because if though although movie movies film films story plot script scene scenes ending "
-    "beginning end acting actor actors actress cast director direction music score camera "
-    "character characters dialogue effects screen time minutes hour hours year years people "
-    "man woman kid kids family friend friends life world night day war comedy drama "
-    "horror thriller western musical documentary series episode sequel remake book version "
-    "role roles performance performances lead hero villain audience theater cinema dvd tv "
-    "watch watched watching see saw seen seeing think thought feel felt know knew make made "
-    "makes making take took go went come came get got give gave look looked seem seemed "
-    "want wanted tell told show shows showed play played plays try tried find found start "
-    "started say said watchable whole part bit lot kind sort way thing things something "
-    "nothing everything anything would could should will can might must may like stories heard "
-    "includes shown begins rented since work tries seems ."
-    " , ! ? ' -"
-).split()
-
-VOCAB = [EOS, UNK] + sorted(set(NEUTRAL_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS))
-
-REVIEW_OPENINGS = [
-    "I watched this movie last night with my family",
-    "This film is one of those stories that",
-    "The plot of this movie is about a man who",
-    "I saw this film at the theater when it",
-    "When I first heard about this movie I thought",
-    "The director of this film has made many movies",
-    "This is the kind of movie that you watch",
-    "My friends told me to see this film and",
-    "The cast of this movie includes some actors who",
-    "I have seen many films in my life but",
-    "This movie was shown on tv one night and",
-    "The story begins with a woman who has a",
-    "After watching the first episode of this series I",
-    "The acting in this film is something that",
-    "I rented this dvd because the book was",
-    "It has been many years since I saw a",
-    "The music and the camera work in this movie",
-    "This sequel to the first film tries to",
-    "Every scene in this movie seems to have",
-    "I went to the cinema to see this western",
-    "The characters in this drama are people who",
-    "If you like horror movies then this one",
-    "The ending of this film made me think about",
-    "My kids wanted to watch this comedy so we",
-    "The first hour of this movie is about",
-    "This documentary shows the life of a man",
-    "I thought the remake would be like the",
-    "The lead actress plays a role that",
-    "From the beginning to the end this thriller",
-    "I can say that this musical is",
-    "The dialogue in this script is the kind",
-    "We watched this film on dvd and it",
-    "The villain of the story is a man who",
-    "I know many people who saw this movie and",
-    "This is the second time I have seen this",
-    "The performances of the cast make this film",
-]
-
-_SENTIMENT = {**{w: 1 for w in POSITIVE_WORDS}, **{w: -1 for w in NEGATIVE_WORDS}}
+# A right-linear grammar: (state, phrase, next state). "." ends a sentence and starts the next.
+_OPENINGS = ["i watched this movie", "i saw this film", "we watched it on dvd", "my friends and i saw it",
+             "i rented this movie", "my kids wanted to see it", "i went to see this film"]  # fmt: skip
+_WHEN = ["last night", "at the cinema", "with my family", "on tv", "again"]
+_SUBJECTS = ["the movie", "this film", "the acting", "the plot", "the story", "the cast", "the music",
+             "the ending", "the dialogue", "the director", "it", "the script", "the effects"]  # fmt: skip
+_OBJECTS = ["it", "this movie", "the acting", "the story", "the music", "every minute"]
+RULES = (
+    [("S", o, "O") for o in _OPENINGS]
+    + [("O", w, "O2") for w in _WHEN]
+    + [(s, sep, "C") for s in ("O", "O2") for sep in (",", "and")]
+    + [("S", "", "C"), ("S", "i", "I")]
+    + [("C", s, "N") for s in _SUBJECTS]
+    + [("N", v, "V") for v in ("is", "was")]
+    + [("V", a, "A") for a in ("", "very", "really", "quite", "so")]
+    + [("A", w, "J") for w in POSITIVE + NEGATIVE]
+    + [("J", c, "C") for c in ("and", "but")]
+    + [("I", a, "I2") for a in ("", "really")]
+    + [("I2", w, "IV") for w in LIKED + DISLIKED]
+    + [("IV", o, "J2") for o in _OBJECTS]
+    + [(s, ".", "S") for s in ("J", "J2")]
+)
 
 
-def lexicon_score(texts) -> torch.Tensor:
-    """Sentiment of each text: 4 · tanh(n / 4), n = #positive words − #negative words.
+def _compile(rules):
+    """The grammar as a word-level NFA: {state: [(word, next state)]}, phrases split into chains."""
+    arcs, epsilon = {}, {}
+    for n, (state, phrase, nxt) in enumerate(rules):
+        words = phrase.split()
+        if not words:
+            epsilon.setdefault(state, []).append(nxt)
+            continue
+        cur = state
+        for i, w in enumerate(words):
+            target = nxt if i == len(words) - 1 else f"{state}/{n}/{i}"
+            arcs.setdefault(cur, []).append((w, target))
+            cur = target
+    return arcs, epsilon
 
-    Args:
-        texts: a list of B strings.
 
-    Returns:
-        scores: (B,) fp32, in (−4, 4).
+_ARCS, _EPSILON = _compile(RULES)
+VOCAB = [EOS, UNK, CLS] + sorted({w for _, p, _ in RULES for w in p.split()})
+
+
+def _closure(states):
+    todo, seen = list(states), set(states)
+    while todo:
+        for nxt in _EPSILON.get(todo.pop(), []):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def is_fluent(text: str) -> bool:
+    """Whether `text` reads as the beginning of a review of the language (cut anywhere)."""
+    states = _closure({"S"})
+    for word in text.split():
+        states = _closure({nxt for s in states for w, nxt in _ARCS.get(s, []) if w == word})
+        if not states:
+            return False
+    return True
+
+
+def fluency(texts) -> float:
+    """The share of texts that pass `is_fluent`."""
+    return sum(map(is_fluent, texts)) / len(texts)
+
+
+def sample_review(rng: random.Random):
+    """A random review of the language and its sentiment (#positive − #negative words).
+
+    Each review draws its own leaning p; every sentiment word is positive with probability p, so
+    the corpus holds positive, negative and mixed reviews.
     """
-    counts = [sum(_SENTIMENT.get(w, 0) for w in text.lower().split()) for text in texts]
-    return torch.tensor([4.0 * math.tanh(n / 4.0) for n in counts], dtype=torch.float32)
+    p = rng.random()
+    words, sentiment = [], 0
+    for _ in range(rng.randint(1, 3)):
+        state = "S"
+        while True:
+            state, phrase = _step(rng, state, p, len(words))
+            words += phrase.split()
+            sentiment += sum(w in POSITIVE or w in LIKED for w in phrase.split())
+            sentiment -= sum(w in NEGATIVE or w in DISLIKED for w in phrase.split())
+            if phrase == ".":
+                break
+    return " ".join(words), sentiment
 
 
-def build_tokenizer():
-    """A word-level tokenizer over `VOCAB`; `<|endoftext|>` is BOS, EOS and pad, as in GPT-2."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+def _step(rng, state, p, length):
+    options = [(phrase, nxt) for s, phrase, nxt in RULES if s == state]
+    if state == "J":  # end the sentence, or add a second clause (not in long reviews)
+        options = [o for o in options if o[0] == "." or length < 25]
+        options = options if rng.random() < 0.4 or len(options) == 1 else [o for o in options if o[0] == "."]
+    if state in ("A", "I2"):  # the sentiment word: positive with probability p
+        good, want_good = (POSITIVE if state == "A" else LIKED), rng.random() < p
+        options = [o for o in options if (o[0] in good) == want_good]
+    phrase, nxt = rng.choice(options)
+    return nxt, phrase
+
+
+def build_tokenizer(with_cls: bool = False):
+    """A word-level tokenizer over VOCAB; `<|endoftext|>` is BOS, EOS and pad, as in GPT-2.
+
+    `with_cls` puts [CLS] before every text, for the classifier, which reads its first position.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=UNK))
-    backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    if with_cls:
+        backend.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, 2)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=EOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        unk_token=UNK,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+        tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=UNK,
+        cls_token=CLS if with_cls else None, model_input_names=["input_ids", "attention_mask"],
+    )  # fmt: skip
 
 
-def build_policy(tokenizer, seed: int = 0):
-    """A 2-layer, 64-wide GPT-2 on the tiny vocabulary, randomly initialised (seeded)."""
+def _batches(texts, tokenizer, batch_size, steps, rng, **kw):
+    for _ in range(steps):
+        chunk = rng.sample(texts, batch_size)
+        yield chunk, tokenizer(chunk, return_tensors="pt", padding=True, **kw)
+
+
+def pretrain_policy(tokenizer, reviews, steps: int, seed: int, progress):
+    """A 2-layer, 64-wide GPT-2 trained as a language model on the reviews (each ends in EOS)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=64,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=0))  # fmt: skip
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
+    texts = [r + " " + EOS for r in reviews]
+    for _, batch in _batches(texts, tokenizer, 64, steps, random.Random(seed), truncation=True, max_length=64):
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        labels[:, 0] = batch["input_ids"][:, 0]  # every review starts with a real word
+        loss = lm(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.update(1)
+    return lm
 
 
-def build_classifier(tokenizer, seed: int = 0):
-    """A 1-layer DistilBERT with labels NEGATIVE/POSITIVE, randomly initialised (seeded).
-
-    Only its interface matters (the real run's `pipeline` call must load and run it); its scores
-    are noise.
-    """
+def train_classifier(tokenizer, reviews, sentiments, steps: int, seed: int, progress):
+    """A 1-layer DistilBERT (labels NEGATIVE/POSITIVE) trained on the reviews' sentiment."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    config = DistilBertConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=64,
-        dim=32,
-        n_layers=1,
-        n_heads=2,
-        hidden_dim=64,
-        pad_token_id=tokenizer.pad_token_id,
-        id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1},
-    )
     torch.manual_seed(seed)
-    return DistilBertForSequenceClassification(config)
+    config = DistilBertConfig(vocab_size=len(tokenizer), max_position_embeddings=128, dim=64, n_layers=1, n_heads=4,
+                              hidden_dim=128, pad_token_id=0, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                              label2id={"NEGATIVE": 0, "POSITIVE": 1})  # fmt: skip
+    model = DistilBertForSequenceClassification(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    # Soft targets p(POSITIVE) = σ(2·net): the more sentiment, the surer; so the logit keeps
+    # growing with the count of positive words, as a learned reward that can be gamed does.
+    target = dict(zip(reviews, sentiments))
+    for chunk, batch in _batches(reviews, tokenizer, 64, steps, random.Random(seed + 1)):
+        p = torch.sigmoid(torch.tensor([2.0 * target[t] for t in chunk]))  # (b,)
+        logits = model(**batch).logits  # (b, 2)
+        loss = torch.nn.functional.cross_entropy(logits, torch.stack([1 - p, p], 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.update(1)
+    return model
 
 
-def make_reviews(n: int, seed: int = 0):
-    """n review texts of more than 200 characters: an opening followed by random vocabulary."""
-    gen = torch.Generator().manual_seed(seed)
-    words = VOCAB[2:]
-    reviews = []
-    for i in range(n):
-        text = REVIEW_OPENINGS[i % len(REVIEW_OPENINGS)]
-        while len(text) <= 220:
-            text += " " + words[int(torch.randint(len(words), (1,), generator=gen))]
-        reviews.append(text)
-    return reviews
-
-
-def save_tiny_world(directory: str, n_reviews: int = 48, seed: int = 0):
-    """Write a tiny GPT-2 folder, a tiny DistilBERT folder and a CSV of reviews under `directory`.
-
-    They load through the real run's calls: `--model DIR/policy --reward-model DIR/reward
-    --dataset DIR/reviews.csv`.
-
-    Returns:
-        (policy_dir, reward_dir, csv_path).
-    """
+def build_world(directory: str, seed: int = 0, n_reviews: int = 6000, lm_steps: int = 300, cls_steps: int = 200):
+    """Write DIR/policy, DIR/reward, DIR/reviews.csv and DIR/world.json (with WORLD_VERSION)."""
     import csv
 
-    tokenizer = build_tokenizer()
-    policy_dir = os.path.join(directory, "policy")
-    reward_dir = os.path.join(directory, "reward")
-    csv_path = os.path.join(directory, "reviews.csv")
-    build_policy(tokenizer, seed).save_pretrained(policy_dir)
-    tokenizer.save_pretrained(policy_dir)
-    build_classifier(tokenizer, seed).save_pretrained(reward_dir)
-    tokenizer.save_pretrained(reward_dir)
-    with open(csv_path, "w", newline="") as f:
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    rng = random.Random(seed)
+    corpus = [sample_review(rng) for _ in range(n_reviews)]
+    reviews, sentiments = [r for r, _ in corpus], [s for _, s in corpus]
+    scratch = directory.rstrip("/") + ".building"
+    shutil.rmtree(scratch, ignore_errors=True)
+    with tqdm(total=lm_steps + cls_steps, desc="building the --tiny world (once)", dynamic_ncols=True) as bar:
+        lm_tokenizer, cls_tokenizer = build_tokenizer(), build_tokenizer(with_cls=True)
+        lm = pretrain_policy(lm_tokenizer, reviews, lm_steps, seed, bar)
+        classifier = train_classifier(cls_tokenizer, reviews, sentiments, cls_steps, seed, bar)
+    lm.save_pretrained(os.path.join(scratch, "policy"))
+    lm_tokenizer.save_pretrained(os.path.join(scratch, "policy"))
+    classifier.save_pretrained(os.path.join(scratch, "reward"))
+    cls_tokenizer.save_pretrained(os.path.join(scratch, "reward"))
+    with open(os.path.join(scratch, "reviews.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
-        for review in make_reviews(n_reviews, seed):
-            writer.writerow([review, 1])
-    return policy_dir, reward_dir, csv_path
+        writer.writerows([r, int(s > 0)] for r, s in corpus[:1000])
+    with open(os.path.join(scratch, "world.json"), "w") as f:
+        json.dump(dict(version=WORLD_VERSION, seed=seed, lm_steps=lm_steps, cls_steps=cls_steps), f)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(scratch, directory)
+    return world_paths(directory)
+
+
+def world_paths(directory: str):
+    """(policy folder, reward-model folder, reviews CSV) of a world folder."""
+    return (os.path.join(directory, "policy"), os.path.join(directory, "reward"), os.path.join(directory, "reviews.csv"))
+
+
+def default_world_dir() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("PPO_RLHF_TINY_WORLD") or os.path.join(cache, "ppo_rlhf", f"tiny-world-v{WORLD_VERSION}")
+
+
+def ensure_world(directory: str = "") -> tuple:
+    """The paths of the cached world, built first if missing or of another WORLD_VERSION."""
+    directory = directory or default_world_dir()
+    try:
+        with open(os.path.join(directory, "world.json")) as f:
+            current = json.load(f).get("version") == WORLD_VERSION
+    except (OSError, ValueError):
+        current = False
+    return world_paths(directory) if current else build_world(directory)
 
 
 if __name__ == "__main__":
     import sys
 
-    from transformers.utils import logging as hf_logging
-
     if len(sys.argv) != 2:
         sys.exit("usage: python tiny.py DIR   (writes DIR/policy, DIR/reward, DIR/reviews.csv)")
-    hf_logging.disable_progress_bar()
-    for path in save_tiny_world(sys.argv[1]):
+    for path in build_world(sys.argv[1]):
         print(path)

@@ -23,7 +23,7 @@ Three choices worth knowing:
   δ = r + V' − V); a zero head starts GAE from plain reward-to-go. It still learns: ∂V/∂w = h ≠ 0.
 - The head has no dropout of its own (TRL's has 0.1), for the same reason as the first point.
 
-Legend: B batch, L sequence length (query + response), K positions kept, V vocabulary, H hidden.
+Legend: R rows, N positions per row, K positions kept, V vocabulary, H hidden size.
 
 References:
   [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", §2: the policy
@@ -34,6 +34,7 @@ References:
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 VALUE_HEAD_FILE = "value_head.pt"
@@ -43,8 +44,8 @@ class CausalLMWithValueHead(nn.Module):
     """Any Hugging Face causal LM plus a `Linear(H, 1)` value head on its last hidden state.
 
     Args:
-        lm: a causal LM whose forward accepts `input_ids`, `attention_mask`, `position_ids`,
-            `output_hidden_states` and `logits_to_keep` (every Hugging Face causal LM does).
+        lm: a Hugging Face causal LM: `lm.base_model` gives the last hidden state and
+            `lm.get_output_embeddings()` is its LM head.
     """
 
     def __init__(self, lm: nn.Module):
@@ -58,30 +59,40 @@ class CausalLMWithValueHead(nn.Module):
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
-        """One pass through the transformer; both heads read its last hidden state.
+    def forward(self, input_ids, position_ids, attention_mask=None, keep=None):
+        """One pass through the transformer; both heads read its last hidden state, in fp32.
+
+        The heads run with autocast off on the fp32 hidden state: under `--dtype bf16` the
+        transformer's matmuls are bf16, but logits (around −60 to −75 for GPT-2, where bf16
+        steps by 0.25–0.5) and values are not rounded to bf16. This assumes logits =
+        output_embeddings(last hidden state), as in GPT-2 and most causal LMs; a model that
+        post-processes its logits (Gemma-2's soft-capping) needs that step added here.
 
         Args:
-            input_ids: (B, L) token ids.
-            attention_mask: (B, L) 1 for real tokens, 0 for padding.
-            position_ids: (B, L) position of each token among the real tokens of its row.
-            logits_to_keep: K > 0 applies both heads to the last K positions only (the LM head is
-                the most expensive layer of a small model: H × V per position); 0 keeps all L.
+            input_ids: (R, N) token ids; several sequences may be packed in a row.
+            position_ids: (R, N) position of each token in its own sequence.
+            attention_mask: (R, N) 1 for real tokens, 0 for padding; None for packed rows, where
+                the model reads sequence starts from `position_ids`.
+            keep: (K,) indices into the R·N flattened positions: apply the heads there only
+                (the LM head, H × V per position, is the costliest layer of a small model);
+                None applies them everywhere.
 
         Returns:
-            logits: (B, K, V) next-token logits.
-            values: (B, K) value estimates, in fp32.
+            logits: (K, V), or (R, N, V) without `keep`; fp32.
+            values: (K,), or (R, N) without `keep`; fp32.
         """
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            logits_to_keep=logits_to_keep,
-        )
-        hidden = out.hidden_states[-1][:, -logits_to_keep:]  # (B, K, H); [-0:] keeps all
-        values = self.v_head(hidden).squeeze(-1).float()  # (B, K)
-        return out.logits, values
+        hidden = self.lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (R, N, H)
+        if keep is not None:
+            hidden = hidden.flatten(0, 1)[keep]  # (K, H)
+        head = self.lm.get_output_embeddings()
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden = hidden.float()  # (K, H)
+            bias = None if head.bias is None else head.bias.float()
+            logits = F.linear(hidden, head.weight.float(), bias)  # (K, V)
+            values = self.v_head(hidden).squeeze(-1)  # (K,)
+        return logits, values
 
     def generate(self, *args, **kwargs):
         """Sampling is the LM's job; the value head plays no part in it."""

@@ -1,0 +1,186 @@
+"""Loading what a run needs: the device, the policy and tokenizer, the reward model, the prompts,
+and what training builds around the policy (the frozen reference, Adam, the KL controller).
+
+Every loader takes a Hub name or a local path and goes through the library's own calls
+(`from_pretrained`, `pipeline`, `load_dataset`). `--tiny` passes the paths of the world that
+tiny.py builds; nothing here knows the difference. A library error while loading becomes one
+ConfigError line (errors.py).
+"""
+
+import copy
+import os
+import random
+
+import numpy as np
+import torch
+
+from errors import ConfigError, load_errors_as_config_error
+from rewards import AdaptiveKLController, FixedKLController, pipeline_scorer
+from value_head import CausalLMWithValueHead
+
+
+def resolve_device(name: str, dtype: str = "fp32") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch.device, or one ConfigError line."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+    n = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= n:
+        raise ConfigError(f"--device {name}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    if device.type == "cpu" and dtype == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # Measured on an AVX2-only CPU: a bf16 matmul took 130× as long as the fp32 one.
+        raise ConfigError("--dtype bf16: this CPU has no bf16 matrix instructions, so bf16 would run "
+                          "about 100× slower than fp32 here; use --dtype fp32")  # fmt: skip
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def attention_kernel(device) -> str:
+    """SDPA on a GPU. On a CPU the plain ("eager") attention: for these short sequences SDPA's CPU
+    kernel cost more than it saved (bench.py, GPT-2 shape, batch 16, 2 cores, padded layout:
+    12.4–12.9 s instead of 13.6–16.3 s per fp32 iteration)."""
+    return "sdpa" if device.type == "cuda" else "eager"
+
+
+def load_policy_and_tokenizer(model: str, device):
+    """The policy with its value head, and the tokenizer, padding queries on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with load_errors_as_config_error("model", model):
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        policy = CausalLMWithValueHead.from_pretrained(model, AutoModelForCausalLM)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks tell pads apart
+    tokenizer.padding_side = "left"  # one generate call: every query ends in the same column
+    policy.lm.set_attn_implementation(attention_kernel(device))
+    policy.lm.generation_config = pure_sampling(tokenizer)
+    return policy.to(device), tokenizer
+
+
+def pure_sampling(tokenizer):
+    """Sampling from the policy's own distribution: no top-k, no top-p, no minimum length.
+
+    Set on the model rather than passed per call, so that no default from the checkpoint's
+    generation_config.json (GPT-2's `max_length`, a Hub model's `top_k=50`) slips in: PPO's
+    log-probs must be those of the distribution the tokens were drawn from.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+
+
+def load_score_fn(reward_model: str, label: str, batch_size: int, device):
+    """A function from B texts to a (B,) tensor: the raw `label` logit of a text classifier."""
+    from transformers import pipeline
+
+    with load_errors_as_config_error("reward model", reward_model):
+        classifier = pipeline("text-classification", model=reward_model, device=device)
+    labels = list(classifier.model.config.id2label.values())
+    if label not in labels:
+        raise ConfigError(
+            f"reward model {reward_model} has no label {label!r}; its labels are {labels}: "
+            "choose one with --reward-label"
+        )
+    return pipeline_scorer(classifier, label, batch_size)
+
+
+def load_review_texts(dataset: str, split: str, text_column: str, min_chars: int) -> list:
+    """Review texts longer than `min_chars`, from a Hub dataset, a data file or a saved dataset."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isfile(dataset):
+        kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(
+            os.path.splitext(dataset)[1].lower()
+        )
+        if kind is None:
+            raise ConfigError(f"--dataset {dataset}: use a .csv, .json, .jsonl or .parquet file")
+        with load_errors_as_config_error("dataset", dataset):
+            data = load_dataset(kind, data_files=dataset, split="train")
+    elif any(os.path.isfile(os.path.join(dataset, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+        with load_errors_as_config_error("dataset", dataset):
+            data = load_from_disk(dataset)  # a folder written by Dataset.save_to_disk
+    else:
+        with load_errors_as_config_error("dataset", dataset):
+            data = load_dataset(dataset, split=split)
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise ConfigError(f"dataset {dataset} has no split {split!r}; its splits are {list(data)}")
+        data = data[split]
+    if text_column not in data.column_names:
+        raise ConfigError(
+            f"dataset {dataset} has no column {text_column!r}; its columns are {data.column_names}: "
+            "choose one with --text-column"
+        )
+    return [t for t in data[text_column] if isinstance(t, str) and len(t) > min_chars]
+
+
+def build_queries(texts, tokenizer, min_len: int, max_len: int, generator) -> list:
+    """Token ids of each query: the first n tokens of a review, n in [min_len, max_len] drawn
+    once per review. Reviews shorter than min_len tokens are dropped."""
+    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
+    lengths = torch.randint(min_len, max_len + 1, (len(ids),), generator=generator)
+    return [row[:n] for row, n in zip(ids, lengths.tolist()) if len(row) >= min_len]
+
+
+
+def load_queries(dataset: str, tokenizer, cfg, generator):
+    """The run's queries, shuffled, as (held-out, training) lists of token ids.
+
+    Up to `cfg.eval_prompts` are held out for the before/after evaluation, never trained on.
+    """
+    texts = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
+    queries = build_queries(texts, tokenizer, cfg.query_min_len, cfg.query_max_len, generator)
+    queries = [queries[i] for i in torch.randperm(len(queries), generator=generator)]
+    n_eval = max(0, min(cfg.eval_prompts, len(queries) - cfg.batch_size))
+    if len(queries) - n_eval < cfg.batch_size:
+        raise ConfigError(f"only {len(queries)} prompts have at least {cfg.query_min_len} tokens, fewer than "
+                          f"--batch-size {cfg.batch_size}: lower --batch-size or use a larger dataset")  # fmt: skip
+    return queries[:n_eval], queries[n_eval:]
+
+def left_pad(queries, pad_id: int, device):
+    """Queries of different lengths as one left-padded batch, so that all of them end together.
+
+    Returns:
+        query_ids: (B, Q) long.
+        query_mask: (B, Q) bool, True at real tokens.
+    """
+    Q = max(len(q) for q in queries)
+    query_ids = torch.full((len(queries), Q), pad_id, dtype=torch.long)  # (B, Q)
+    query_mask = torch.zeros((len(queries), Q), dtype=torch.bool)  # (B, Q)
+    for i, q in enumerate(queries):
+        query_ids[i, Q - len(q) :] = torch.tensor(q, dtype=torch.long)
+        query_mask[i, Q - len(q) :] = True
+    return query_ids.to(device), query_mask.to(device)
+
+
+def prepare_training(policy, cfg):
+    """The frozen reference (a copy of the starting policy), Adam, and the KL controller.
+
+    `fused=True` updates all parameters in one kernel instead of a Python loop over GPT-2's ~150
+    tensors: on a 2-core CPU the optimizer step took 0.09 s instead of 0.36 s (bench.py).
+    """
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, fused=True)
+    if cfg.adaptive_kl:
+        kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    else:
+        kl_ctl = FixedKLController(cfg.init_kl_coef)
+    return ref_model, optimizer, kl_ctl
+
+
+def make_autocast(device, dtype: str):
+    """A function returning the autocast context: bf16 matmuls for --dtype bf16, a no-op for fp32."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
