@@ -16,7 +16,7 @@ phases does not depend on the values of the weights, so random weights give real
 - `--shape tiny`: exactly the `--tiny` world (tiny.py): its pretrained 2-layer GPT-2 and its
   classifier, loaded through the same loaders as the training run.
 
-The attention kernel is the one the training run picks for the device (`--attn` to compare).
+Attention is transformers' default, SDPA, as in the training run (`--attn eager` to compare).
 Queries are 2–7 random tokens, responses 4–15 sampled tokens (pure sampling), as in the real
 run. With random weights EOS comes at chance rate (1 in 50257), so responses run to their sampled
 lengths, as they mostly do for the real model.
@@ -79,7 +79,6 @@ def build(shape: str, device, cfg, attn: str = ""):
     else:
         tokenizer = synthetic_tokenizer(50257)
         lm = GPT2LMHeadModel(GPT2Config(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256))
-        lm.set_attn_implementation(loading.attention_kernel(device))
         lm.generation_config = loading.pure_sampling(tokenizer)
         policy = CausalLMWithValueHead(lm).to(device)
         classifier = DistilBertForSequenceClassification(
@@ -139,7 +138,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attn", choices=["sdpa", "eager"], default="", help="attention kernel (default: what ppo_rlhf.py picks for the device)")
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="", help="attention kernel (default: SDPA, as ppo_rlhf.py)")
     args = parser.parse_args(argv)
 
     device = loading.resolve_device(args.device, args.dtype)

@@ -18,6 +18,7 @@ import threading
 import numpy as np
 import torch
 
+import distributed
 from errors import ConfigError
 from value_head import CausalLMWithValueHead
 
@@ -28,7 +29,7 @@ def check_writable(output_dir: str) -> None:
     """Fail before any work, not after an hour of training, if `output_dir` can't be written."""
     try:
         os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, ".write-test")
+        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")  # one per process under torchrun
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -43,21 +44,32 @@ def read_log(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_log(path: str, records: list, mode: str = "a") -> None:
+    """Write (mode "w") or append ("a") records to a `log.jsonl`, one JSON object a line; rank 0 only."""
+    if distributed.rank() == 0:
+        with open(path, mode) as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, data_gen, order) -> None:
     """Everything a run needs to go on exactly where it stopped, in `cfg.output_dir`.
 
     Files go to a scratch folder first and are moved in, trainer_state.pt last, so a crash while
-    saving leaves the previous checkpoint readable.
+    saving leaves the previous checkpoint readable. Under torchrun every rank's random states are
+    kept (each samples its own responses) and rank 0 writes.
     """
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng = distributed.gather(rng)  # one per rank
+    if distributed.rank() != 0:
+        return
     scratch = os.path.join(cfg.output_dir, ".saving")
     shutil.rmtree(scratch, ignore_errors=True)
     policy.save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     state = dict(step=step, config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(), kl_coef=kl_ctl.value,
-                 rng=rng, data_gen=data_gen.get_state(), order=order)  # fmt: skip
+                 rng=rng, world_size=len(rng), data_gen=data_gen.get_state(), order=order)  # fmt: skip
     torch.save(state, os.path.join(scratch, TRAINER_STATE))
     for name in sorted(os.listdir(scratch), key=lambda name: name == TRAINER_STATE):
         os.replace(os.path.join(scratch, name), os.path.join(cfg.output_dir, name))
@@ -86,15 +98,19 @@ def restore_state(directory: str, policy, optimizer, kl_ctl, data_gen):
     from transformers import AutoModelForCausalLM
 
     state = load_trainer_state(directory)
+    if state.get("world_size", 1) != distributed.world_size():
+        raise ConfigError(f"--resume {directory}: the run was saved by {state.get('world_size', 1)} process(es), this "
+                          f"is {distributed.world_size()}: resume with the same number (torchrun --nproc_per_node)")
     saved = CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM)
     policy.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.value = state["kl_coef"]
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = state["rng"][distributed.rank()]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     data_gen.set_state(state["data_gen"])
     return state["step"], state["order"]
 

@@ -66,12 +66,14 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean(centered.square(), mask)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8):
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean=None, var=None, shift_mean: bool = True, eps: float = 1e-8):
     """Scale x to unit variance over the masked positions, and to zero mean if `shift_mean`.
 
     Args:
         x: (B, T).
         mask: (B, T) bool.
+        mean, var: statistics to whiten with, e.g. over several processes' batches (data
+            parallel); None computes them over this batch's masked positions.
         shift_mean: False keeps the mean (only divides by the standard deviation).
         eps: added to the variance, so a constant x does not divide by zero.
 
@@ -79,7 +81,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
         whitened: (B, T); 0 at masked-out positions.
     """
     mask = mask.bool()
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_var(x, mask) if var is None else var
     whitened = (x - mean) * torch.rsqrt(var + eps)  # (B, T)
     if not shift_mean:
         whitened = whitened + mean

@@ -45,13 +45,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def attention_kernel(device) -> str:
-    """SDPA on a GPU. On a CPU the plain ("eager") attention: for these short sequences SDPA's CPU
-    kernel cost more than it saved (bench.py, GPT-2 shape, batch 16, 2 cores, padded layout:
-    12.4–12.9 s instead of 13.6–16.3 s per fp32 iteration)."""
-    return "sdpa" if device.type == "cuda" else "eager"
-
-
 def load_policy_and_tokenizer(model: str, device):
     """The policy with its value head, and the tokenizer, padding queries on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,7 +55,6 @@ def load_policy_and_tokenizer(model: str, device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks tell pads apart
     tokenizer.padding_side = "left"  # one generate call: every query ends in the same column
-    policy.lm.set_attn_implementation(attention_kernel(device))
     policy.lm.generation_config = pure_sampling(tokenizer)
     return policy.to(device), tokenizer
 

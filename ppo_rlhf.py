@@ -21,10 +21,8 @@ Tensor layout: queries (B, Q) left-padded, responses (B, T) right-padded, every 
 tensor (B, T) over the response only, with `response_mask` True at real response tokens. The
 run's plumbing lives elsewhere: loading.py, checkpoint.py, errors.py, report.py, tiny.py.
 
-References:
-  [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences".
-  [2] Ouyang et al. 2022, "Training language models to follow instructions with human feedback".
-  [3] The gpt2-sentiment example of TRL v0.11, whose hyperparameters are the defaults here.
+References: [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; [2]
+Ouyang et al. 2022 (InstructGPT); [3] TRL v0.11's gpt2-sentiment example, whose settings are ours.
 """
 
 import argparse
@@ -37,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 import checkpoint
+import distributed
 import report
 import tiny
 from errors import ConfigError, NonFiniteError, RunError, check_finite
@@ -113,16 +112,16 @@ class Config:
         for name, allowed in (("kl_kind", KL_KINDS), ("dtype", ("fp32", "bf16"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        given = [f"--{k}" for k in ("model", "reward-model", "dataset") if getattr(self, k.replace("-", "_")) != getattr(Config, k.replace("-", "_"))]
-        if self.tiny and given:  # what --tiny builds (tiny.py) instead of loading these
-            raise ConfigError(f"--tiny builds its own policy, reward model and prompts, so {' and '.join(given)} "
-                              "would be ignored: drop them, or drop --tiny")  # fmt: skip
+        ignored = [k for k in ("model", "reward_model", "dataset") if getattr(self, k) != getattr(Config, k)]
+        if self.tiny and ignored:  # tiny.py builds these
+            flags = " and ".join("--" + k.replace("_", "-") for k in ignored)
+            raise ConfigError(f"--tiny builds its own policy, reward model and prompts, so {flags} would be ignored: "
+                              "drop them, or drop --tiny")  # fmt: skip
 
 
-# --tiny: the world's pretrained policy and classifier, at a batch that runs in seconds. β starts as in
-# the real run; lr: see README ("The --tiny world"); a short horizon lets β adapt within the run.
-TINY_OVERRIDES = dict(tiny=True, batch_size=32, mini_batch_size=16, lr=2e-4, kl_horizon=400.0, steps=50,
-                      eval_prompts=32, min_review_chars=0, output_dir="runs/tiny")  # fmt: skip
+# --tiny: tiny.py's world at a batch that runs in seconds; β, its target and horizon as in the real run.
+TINY_OVERRIDES = dict(tiny=True, batch_size=32, mini_batch_size=16, lr=2e-4, steps=50, eval_prompts=32,
+                      min_review_chars=0, output_dir="runs/tiny")  # fmt: skip
 
 
 def tiny_config(**overrides) -> Config:
@@ -223,9 +222,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_
             stats.update(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), loss=loss.item())
             if minibatch_log is not None:
                 minibatch_log.append(dict(epoch=epoch, idx=idx, logprobs=logprobs.detach(), vpred=vpred.detach(), **stats))
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v
-            n += 1
+            totals, n = {k: totals.get(k, 0.0) + v for k, v in stats.items()}, n + 1
     return {k: v / n for k, v in totals.items()}
 
 
@@ -245,21 +242,21 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         trace: every tensor the step computed, by its name in the field (for --explain).
     """
     timer = report.PhaseTimer(query_ids.device)
+    model = getattr(policy, "module", policy)  # [ddp] generate and phase 3 on the model inside DDP
 
     # 1. rollout: the policy continues every query (tutorial: "The policy generates an output")
-    response_ids, response_mask = rollout(policy, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
+    response_ids, response_mask = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
     timer("rollout")
 
     # 2. score (tutorial: "The reward model calculates a reward for the output")
-    ids, mask = torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1)  # (B, Q+T)
-    texts = decode_texts(tokenizer, ids, mask)
+    texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
     scores = score_fn(texts).to(query_ids.device)  # (B,)
     timer("score")
 
     # 3. logprobs of policy and reference, values (tutorial: "Batched_forward_pass")
     full_kl = cfg.kl_kind == "full"
     with torch.no_grad(), autocast():
-        logprobs, values, logits = batched_forward_pass(policy, query_ids, query_mask, response_ids, response_mask,
+        logprobs, values, logits = batched_forward_pass(model, query_ids, query_mask, response_ids, response_mask,
                                                         return_logits=True)  # (B, T), (B, T), (B, T, V)
         ref_logprobs, _, ref_logits = batched_forward_pass(ref_model, query_ids, query_mask, response_ids,
                                                            response_mask, return_logits=full_kl)  # fmt: skip
@@ -275,7 +272,8 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 
     # 5. GAE: advantages and returns; advantages whitened over the batch
     raw_advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
-    advantages = masked_whiten(raw_advantages, response_mask)  # (B, T)
+    advantages = masked_whiten(raw_advantages, response_mask, *distributed.global_mean_var(raw_advantages,
+                               response_mask))  # (B, T); [ddp] over every rank's tokens
     check_finite(response_mask, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                  rewards=rewards, advantages=advantages)  # fmt: skip
 
@@ -289,12 +287,13 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 
     # 7. log: adapt β to this batch's KL, and gather the step's stats
     kl_per_response = kl.sum(1)  # (B,) summed over each response's tokens
-    kl_ctl.update(kl_per_response.mean().item(), query_ids.shape[0])
+    mean_kl = distributed.mean({"kl": kl_per_response.mean().item()})["kl"]  # [ddp] over every rank
+    kl_ctl.update(mean_kl, query_ids.shape[0] * distributed.world_size())
     record = {
         "score": scores.mean().item(),
         "score_std": scores.std(unbiased=False).item(),
-        "kl": kl_per_response.mean().item(),
-        "kl_negative": int((kl_per_response < 0).sum()),  # responses whose KL estimate is below 0
+        "kl": mean_kl,
+        "kl_negative": (kl_per_response < 0).float().mean().item(),  # share of responses with KL estimate < 0
         "kl_coef": kl_coef,
         "non_score_reward": non_score_reward.sum(1).mean().item(),
         "entropy": entropy,
@@ -316,12 +315,8 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 
 
 def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast):
-    """Responses of `model` (policy or reference) to the held-out queries, and their scores. The
-    run's seed in a forked RNG: both models get the same lengths, training's stream is untouched.
-
-    Returns:
-        responses: B strings (response only); scores: a list of B floats.
-    """
+    """B responses (strings) of `model`, policy or reference, to the held-out queries, and their B
+    scores. The run's seed in a forked RNG: both models get the same lengths; training's is kept."""
     devices = [query_ids.device] if query_ids.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
@@ -337,21 +332,24 @@ def main(cfg: Config) -> list:
     if cfg.resume:
         cfg = checkpoint.resume_config(cfg)
     cfg.validate()
+    device_name = distributed.setup(cfg)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
+    world, rank = distributed.world_size(), distributed.rank()
     checkpoint.check_writable(cfg.output_dir)
     report.quiet_libraries()
     print("config:", json.dumps(dataclasses.asdict(cfg)))
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device, cfg.dtype)
+    seed_everything(cfg.seed + rank)  # [ddp] each rank samples its own responses
+    device = resolve_device(device_name, cfg.dtype)
     autocast = make_autocast(device, cfg.dtype)
 
-    model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
+    with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
+        model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
     print(f"loading the policy from {model}, the reward model from {reward_model}, prompts from {dataset}")
     policy, tokenizer = load_policy_and_tokenizer(model, device)
     ref_model, optimizer, kl_ctl = prepare_training(policy, cfg)
     score_fn = load_score_fn(reward_model, cfg.reward_label, cfg.reward_batch_size, device)
-    prompt_rng = torch.Generator().manual_seed(cfg.seed)  # query lengths and data order
+    prompt_rng = torch.Generator().manual_seed(cfg.seed)  # query lengths and data order, alike on all ranks
     eval_queries, queries = load_queries(dataset, tokenizer, cfg, prompt_rng)  # held out, training
-    n_eval = len(eval_queries)
+    n_eval = len(eval_queries) if rank == 0 else 0
 
     if cfg.explain:  # one step on 4 prompts, every tensor printed; nothing is saved
         query_ids, query_mask = left_pad(queries[:4], tokenizer.pad_token_id, device)
@@ -362,7 +360,8 @@ def main(cfg: Config) -> list:
 
     steps_per_pass = len(queries) // cfg.batch_size
     steps = cfg.steps or steps_per_pass
-    print(f"{len(queries)} training prompts, {n_eval} held out; {steps} steps of {cfg.batch_size} episodes on {device}")
+    print(f"{len(queries)} training prompts, {len(eval_queries)} held out; {steps} steps of {cfg.batch_size} "
+          f"episodes on {world} × {device}")  # fmt: skip
     if n_eval:
         eval_ids, eval_mask = left_pad(eval_queries, tokenizer.pad_token_id, device)
         before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast)
@@ -372,48 +371,48 @@ def main(cfg: Config) -> list:
         print(f"resumed from {cfg.resume} after step {start}")
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
     history = checkpoint.read_log(log_path)[:start]  # steps logged after the checkpoint run again
-    with open(log_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
+    checkpoint.write_log(log_path, history, "w")
+    train_policy = distributed.wrap(policy, device)  # [ddp] DistributedDataParallel for the update
+    rank_cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size // world)  # [ddp] the rank's share
+    per_rank = cfg.batch_size // world
 
     with checkpoint.StopOnCtrlC() as stop:
-        for step in tqdm(range(start, steps), desc="ppo", dynamic_ncols=True):
+        for step in tqdm(range(start, steps), desc="ppo", dynamic_ncols=True, disable=rank > 0):
             if step and step % steps_per_pass == 0:
                 order = torch.randperm(len(queries), generator=prompt_rng)  # next pass, new order
-            first = (step % steps_per_pass) * cfg.batch_size
-            batch_queries = [queries[i] for i in order[first : first + cfg.batch_size]]
+            first = (step % steps_per_pass) * cfg.batch_size + rank * per_rank  # [ddp] this rank's shard
+            batch_queries = [queries[i] for i in order[first : first + per_rank]]
             query_ids, query_mask = left_pad(batch_queries, tokenizer.pad_token_id, device)  # (B, Q)
             try:
-                record, trace = ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids,
-                                         query_mask, cfg, autocast)  # fmt: skip
+                record, trace = ppo_step(train_policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids,
+                                         query_mask, rank_cfg, autocast)  # fmt: skip
             except NonFiniteError as e:
                 raise NonFiniteError(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
-            record = {"step": step + 1, **record}
-            if cfg.tiny:
-                record["fluency"] = tiny.fluency(trace["texts"])
+            record = {"step": step + 1, **record, **({"fluency": tiny.fluency(trace["texts"])} if cfg.tiny else {})}
+            record = distributed.mean({**record, "stop": float(stop.asked)})  # [ddp] stats over ranks
+            stopping = record.pop("stop") > 0
             history.append(record)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            checkpoint.write_log(log_path, [record], "a")
             report.print_step(record, trace, cfg.sample_every)
-            if stop.asked or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step + 1, cfg, prompt_rng, order)
-            if stop.asked:
+            if stopping:
                 print(f"stopped by Ctrl-C after step {step + 1}, checkpoint saved; "
                       f"continue with: python ppo_rlhf.py --resume {cfg.output_dir}")  # fmt: skip
                 return history
+    distributed.check_in_sync(policy, kl_ctl.value)
     checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, steps, cfg, prompt_rng, order)
     print(f"saved policy, value head and tokenizer to {cfg.output_dir}")
     if n_eval:
         after = evaluate_held_out(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast)
         query_texts = tokenizer.batch_decode(eval_queries, skip_special_tokens=True)
         report.write_samples(cfg.output_dir, query_texts, before, after, tiny.is_fluent if cfg.tiny else None)
-    report.plot_curves(cfg.output_dir, cfg.kl_target)
+    if rank == 0:
+        report.plot_curves(cfg.output_dir, cfg.kl_target)
     return history
 
 
-# ------------------------------------------------------------------------------ the command line
-
-HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "batch_size": "PPO",
-               "steps": "run"}  # fmt: skip
+HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "batch_size": "PPO", "steps": "run"}
 
 
 def parse_args(argv=None) -> Config:
@@ -421,13 +420,10 @@ def parse_args(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         if f.name in HELP_GROUPS:
             group = parser.add_argument_group(HELP_GROUPS[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         # SUPPRESS keeps flags that were not given out of the result, so --tiny can fill them.
-        common = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
-        if f.type is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-        else:
-            group.add_argument(flag, type=f.type, **common)
+        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {f.default})", **kind)  # fmt: skip
     given = vars(parser.parse_args(argv))
     return tiny_config(**given) if given.get("tiny") else dataclasses.replace(Config(), **given)
 
@@ -442,6 +438,8 @@ def cli(argv=None) -> int:
     except KeyboardInterrupt:
         print("stopped at once by a second Ctrl-C; nothing of the current step was saved", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0
 
 

@@ -189,20 +189,29 @@ def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows:
 PANELS = (("score", "mean score"), ("kl", "KL per response (nats)"), ("kl_coef", "KL coef β"))
 
 
-def draw_curves(records, title: str = "", kl_target=None):
-    """A matplotlib figure with one panel per entry of PANELS against step (needs matplotlib)."""
+def draw_curves(runs, title: str = "", kl_target=None):
+    """A matplotlib figure, one panel per entry of PANELS (and fluency, if logged) against step.
+
+    Args:
+        runs: {label: records} to overlay, or one list of records.
+        title: the figure's title.
+        kl_target: drawn as a dashed line on the KL panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = PANELS + ((("fluency", "fluent share (tiny grammar)"),) if "fluency" in records[0] else ())
-    steps = [r["step"] for r in records]
+    runs = runs if isinstance(runs, dict) else {"": runs}
+    first = next(iter(runs.values()))
+    panels = PANELS + ((("fluency", "fluent share (tiny grammar)"),) if "fluency" in first[0] else ())
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True)
     for ax, (key, label) in zip(axes, panels):
-        ax.plot(steps, [r[key] for r in records])
+        for name, records in runs.items():
+            ax.plot([r["step"] for r in records], [r[key] for r in records], label=name or None)
         if key == "kl" and kl_target:
-            ax.axhline(kl_target, color="gray", linestyle="--", linewidth=1, label=f"target {kl_target:g}")
+            ax.axhline(kl_target, color="gray", linestyle="--", linewidth=1, label=f"KL target {kl_target:g}")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper left", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -212,17 +221,19 @@ def draw_curves(records, title: str = "", kl_target=None):
     return fig
 
 
-def plot_curves(output_dir: str, kl_target=None):
-    """Draw `<output_dir>/curves.png` from `<output_dir>/log.jsonl`; return its path, or None
-    (with one line of advice) when matplotlib is not installed."""
+def plot_curves(output_dir: str, kl_target=None, others=(), path=""):
+    """Draw `<output_dir>/curves.png` from `<output_dir>/log.jsonl` (overlaying the runs in
+    `others`, if any, into `path`); return its path, or None (with one line of advice) when
+    matplotlib is not installed."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         print("curves.png not drawn: matplotlib is not installed (pip install matplotlib)")
         return None
-    records = read_log(os.path.join(output_dir, "log.jsonl"))
-    fig = draw_curves(records, f"PPO run: {os.path.normpath(output_dir)}", kl_target)
-    path = os.path.join(output_dir, "curves.png")
+    dirs = [output_dir, *others]
+    runs = {os.path.normpath(d): read_log(os.path.join(d, "log.jsonl")) for d in dirs}
+    fig = draw_curves(runs if others else runs[os.path.normpath(output_dir)], f"PPO run: {', '.join(runs)}", kl_target)
+    path = path or os.path.join(output_dir, "curves.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"curves: {path}")
@@ -230,8 +241,11 @@ def plot_curves(output_dir: str, kl_target=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "log.jsonl")):
-        sys.exit("usage: python report.py DIR   (redraws DIR/curves.png from DIR/log.jsonl)")
-    config = os.path.join(sys.argv[1], "trainer_state.pt")
-    target = torch.load(config, weights_only=False)["config"]["kl_target"] if os.path.isfile(config) else None
-    plot_curves(sys.argv[1], target)
+    dirs = sys.argv[1:]
+    if not dirs or not all(os.path.isfile(os.path.join(d, "log.jsonl")) for d in dirs):
+        sys.exit("usage: python report.py DIR [DIR ...]   (redraws DIR/curves.png from DIR/log.jsonl;\n"
+                 "       with several runs, overlays them in curves-compared.png in the first DIR)")
+    state = os.path.join(dirs[0], "trainer_state.pt")
+    target = torch.load(state, weights_only=False)["config"]["kl_target"] if os.path.isfile(state) else None
+    out = os.path.join(dirs[0], "curves-compared.png") if len(dirs) > 1 else ""
+    plot_curves(dirs[0], target, dirs[1:], out)
