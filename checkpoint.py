@@ -51,7 +51,7 @@ def write_log(path: str, records: list, mode: str = "a") -> None:
             f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, data_gen, order) -> None:
+def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt_rng, order) -> None:
     """Everything a run needs to go on exactly where it stopped, in `cfg.output_dir`.
 
     Files go to a scratch folder first and are moved in, trainer_state.pt last, so a crash while
@@ -69,7 +69,7 @@ def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, data_g
     policy.save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)
     state = dict(step=step, config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(), kl_coef=kl_ctl.value,
-                 rng=rng, world_size=len(rng), data_gen=data_gen.get_state(), order=order)  # fmt: skip
+                 rng=rng, world_size=len(rng), prompt_rng=prompt_rng.get_state(), order=order)  # fmt: skip
     torch.save(state, os.path.join(scratch, TRAINER_STATE))
     for name in sorted(os.listdir(scratch), key=lambda name: name == TRAINER_STATE):
         os.replace(os.path.join(scratch, name), os.path.join(cfg.output_dir, name))
@@ -93,7 +93,7 @@ def resume_config(cfg):
     return type(cfg)(**{**state["config"], "resume": cfg.resume, "output_dir": cfg.resume})
 
 
-def restore_state(directory: str, policy, optimizer, kl_ctl, data_gen):
+def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
     """Load a checkpoint's weights, optimizer, β and random states; return (step, data order)."""
     from transformers import AutoModelForCausalLM
 
@@ -111,7 +111,7 @@ def restore_state(directory: str, policy, optimizer, kl_ctl, data_gen):
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    data_gen.set_state(state["data_gen"])
+    prompt_rng.set_state(state["prompt_rng"])
     return state["step"], state["order"]
 
 

@@ -750,12 +750,13 @@ def test_explicit_local_folders_load_like_the_hub_names(tmp_path):
 
 
 @slow
-def test_kl_penalty_keeps_the_text_fluent_and_without_it_the_reward_is_gamed(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_penalty_keeps_the_text_fluent_and_without_it_the_reward_is_gamed(tmp_path, seed):
     """The tutorial's point, on --tiny: with the KL penalty the score rises and the text stays
     fluent; with it off the score rises as much or more, and fluency collapses."""
     runs = {}
     for name, extra in [("kl", {}), ("no_kl", dict(init_kl_coef=0.0, adaptive_kl=False))]:
-        history = ppo_rlhf.main(ppo_rlhf.tiny_config(output_dir=str(tmp_path / name), sample_every=0, **extra))
+        history = ppo_rlhf.main(ppo_rlhf.tiny_config(seed=seed, output_dir=str(tmp_path / name), sample_every=0, **extra))
         last = history[-5:]
         runs[name] = dict(gain=sum(r["score"] for r in last) / 5 - sum(r["score"] for r in history[:5]) / 5,
                           fluency=sum(r["fluency"] for r in last) / 5)  # fmt: skip

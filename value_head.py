@@ -12,7 +12,7 @@ that reads the same last hidden state as the LM head:
 Both heads share the transformer, so one forward pass gives the log-probabilities the PPO ratio
 needs and the values GAE needs.
 
-Three choices worth knowing:
+Four choices worth knowing:
 
 - Dropout is switched off in the wrapped LM. PPO compares log π at rollout time with log π
   recomputed during the update; with dropout on, the two forward passes use different random
@@ -22,6 +22,9 @@ Three choices worth knowing:
   A randomly initialised head would add random values to the first advantages (A = δ + ...,
   δ = r + V' − V); a zero head starts GAE from plain reward-to-go. It still learns: ∂V/∂w = h ≠ 0.
 - The head has no dropout of its own (TRL's has 0.1), for the same reason as the first point.
+- Both heads run in fp32 with autocast off, on the fp32 last hidden state, even when the
+  transformer runs in bf16: GPT-2's logits sit near −64, where bf16 rounds in steps of 0.25–0.5,
+  enough to move a log-prob by ~0.1 nats and make PPO clip on rounding alone.
 
 Legend: R rows, N positions per row, K positions kept, V vocabulary, H hidden size.
 
