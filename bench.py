@@ -14,7 +14,7 @@ phases does not depend on the values of the weights, so random weights give real
   a word-level tokenizer built in code (GPT-2's own BPE files cannot be downloaded here), so
   decode and re-tokenise cost about what they cost for real text.
 - `--shape tiny`: exactly the `--tiny` world (tiny.py): its pretrained 2-layer GPT-2 and its
-  classifier, loaded through the same loaders as the training run.
+  classifier, through the same `from_pretrained` and `pipeline` calls as the training run.
 
 Attention is transformers' default, SDPA, as in the training run (`--attn eager` to compare).
 Queries are 2–7 random tokens, responses 4–15 sampled tokens (pure sampling), as in the real
@@ -74,8 +74,7 @@ def build(shape: str, device, cfg, attn: str = ""):
     if shape == "tiny":
         policy_dir, reward_dir, _ = tiny.ensure_world()
         policy, tokenizer = loading.load_policy_and_tokenizer(policy_dir, device)
-        score_fn = loading.load_score_fn(reward_dir, "POSITIVE", cfg.reward_batch_size, device)
-        classifier = pipeline("text-classification", model=reward_dir).model
+        pipe = pipeline("text-classification", model=reward_dir, device=device)
     else:
         tokenizer = synthetic_tokenizer(50257)
         lm = GPT2LMHeadModel(GPT2Config(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256))
@@ -85,10 +84,10 @@ def build(shape: str, device, cfg, attn: str = ""):
             DistilBertConfig(vocab_size=50257, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
         )
         pipe = pipeline("text-classification", model=classifier, tokenizer=tokenizer, device=device)
-        score_fn = pipeline_scorer(pipe, "POSITIVE", cfg.reward_batch_size)
+    score_fn = pipeline_scorer(pipe, "POSITIVE", cfg.reward_batch_size)  # the training run's reward path
     if attn:
         policy.lm.set_attn_implementation(attn)
-    cls_blocks = sum(p.numel() for p in classifier.distilbert.transformer.parameters())
+    cls_blocks = sum(p.numel() for p in pipe.model.distilbert.transformer.parameters())
     return policy, tokenizer, score_fn, cls_blocks
 
 

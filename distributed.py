@@ -5,6 +5,7 @@ its own shard of every batch of prompts, and samples with its own seed. What mus
 same on every rank is made so, in the few places marked `# [ddp]` in ppo_rlhf.py:
 
     gradients      DistributedDataParallel averages them in backward, so the weights stay equal
+                   (each rank's loss is a mean over its own tokens, so ranks weigh alike)
     whitening      advantages are whitened with the mean and variance of every rank's real tokens
     β              the KL controller sees the KL averaged over every rank
     stats          logged numbers are averaged over the ranks
@@ -99,7 +100,8 @@ def global_mean_var(x: torch.Tensor, mask: torch.Tensor):
     dist.all_reduce(sums)
     n, s, ss = sums.tolist()
     mean = s / n
-    return torch.tensor(mean, dtype=x.dtype, device=x.device), torch.tensor(ss / n - mean * mean, dtype=x.dtype, device=x.device)
+    var = ss / n - mean * mean  # in float64, so the subtraction loses nothing that matters
+    return torch.tensor(mean, dtype=x.dtype, device=x.device), torch.tensor(var, dtype=x.dtype, device=x.device)
 
 
 @contextlib.contextmanager
@@ -133,8 +135,8 @@ def check_in_sync(policy, kl_coef: float) -> None:
     if not dist.is_initialized():
         return
     with torch.no_grad():
-        fingerprint = torch.stack([p.double().sum() for p in policy.parameters()] + [torch.tensor(kl_coef).double().to(next(policy.parameters()).device)])
-    fingerprint = fingerprint.to(_device())
+        sums = [p.double().sum().to(_device()) for p in policy.parameters()]
+    fingerprint = torch.stack(sums + [torch.tensor(kl_coef, dtype=torch.float64, device=_device())])
     low, high = fingerprint.clone(), fingerprint.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

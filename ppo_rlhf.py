@@ -134,7 +134,8 @@ def tiny_config(**overrides) -> Config:
 
 def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     """Phase 1: sample one response per query, all queries in one `generate` call; each row gets
-    its own length, drawn from [response_min_len, response_max_len].
+    its own length, drawn from [response_min_len, response_max_len]. Under --dtype bf16, generate
+    samples from bf16 logits; PPO's ratio is still exactly 1 at first (both sides use fp32 heads).
 
     Returns: response_ids (B, T) right-padded; response_mask (B, T) bool.
     """

@@ -10,7 +10,6 @@
   `curves.png` (needs matplotlib, an optional dependency). `python report.py DIR` redraws it.
 """
 
-import json
 import math
 import os
 import sys

@@ -171,8 +171,7 @@ def pretrain_policy(tokenizer, reviews, steps: int, seed: int, progress):
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
     texts = [r + " " + EOS for r in reviews]
     for _, batch in _batches(texts, tokenizer, 64, steps, random.Random(seed), truncation=True, max_length=64):
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        labels[:, 0] = batch["input_ids"][:, 0]  # every review starts with a real word
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # no loss on padding
         loss = lm(**batch, labels=labels).loss
         opt.zero_grad()
         loss.backward()
