@@ -1,13 +1,29 @@
 """Checkpoints, exact resume, Ctrl-C, and the run's log file.
 
-A checkpoint is the output folder itself: the policy and tokenizer as Hugging Face files (so it
-loads with `AutoModelForCausalLM.from_pretrained(dir)`), `value_head.pt`, and `trainer_state.pt`
-with what an exact resume needs besides the weights: the optimizer, β, the step, every random
-state and the data order. The reference model is not saved: it is the starting policy, loaded
-again from --model.
+A checkpoint is the output folder itself:
+
+    config.json, model.safetensors,     the policy, as Hugging Face saves it: loads with
+    tokenizer files                     `AutoModelForCausalLM.from_pretrained(dir)`
+    value_head.pt                       the value head's weights (tensors only)
+    trainer_state.pt                    tensors only: Adam's state, torch's random states, the
+                                        data order
+    trainer_state.json                  the rest, as JSON: format, step, config, β, world size,
+                                        python's and numpy's random states; and the SHA-256 of
+                                        every file above
+
+Nothing needs pickle to be read: the JSON is JSON, and every `torch.load` passes
+`weights_only=True`, which builds tensors and plain containers and refuses anything else, so a
+run folder from someone else can't run code. The reference model is not saved: it is the
+starting policy, loaded again from --model.
+
+All or nothing. The files are written to `DIR/.saving/`, then moved into DIR one by one,
+trainer_state.json last. A crash between two moves leaves new weights beside an old
+trainer_state.json; `--resume` checks every file against the hashes in trainer_state.json and
+refuses such a mix in one line (the rest of the new checkpoint is then in `DIR/.saving/`).
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -23,6 +39,9 @@ from errors import ConfigError
 from value_head import CausalLMWithValueHead
 
 TRAINER_STATE = "trainer_state.pt"
+MANIFEST = "trainer_state.json"
+FORMAT = 2  # 1: trainer_state.pt alone, with python objects inside (read only through pickle)
+SCRATCH = ".saving"
 
 
 def check_writable(output_dir: str) -> None:
@@ -51,76 +70,156 @@ def write_log(path: str, records: list, mode: str = "a") -> None:
             f.writelines(json.dumps(r) + "\n" for r in records)
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _random_states():
+    """This process's random states: (JSON-able python and numpy states, tensor states)."""
+    version, internal, gauss = random.getstate()
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    plain = dict(python=[version, list(internal), gauss], numpy=[key.tolist(), pos, has_gauss, cached])
+    tensors = dict(torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    return plain, tensors
+
+
+def _set_random_states(plain: dict, tensors: dict) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    key, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state(("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+
+
 def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt_rng, order) -> None:
     """Everything a run needs to go on exactly where it stopped, in `cfg.output_dir`.
 
-    Files go to a scratch folder first and are moved in, trainer_state.pt last, so a crash while
-    saving leaves the previous checkpoint readable. Under torchrun every rank's random states are
-    kept (each samples its own responses) and rank 0 writes.
+    Under torchrun every rank's random states are kept (each samples its own responses) and
+    rank 0 writes. See the module docstring for the files and the order they are moved in.
     """
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    rng = distributed.gather(rng)  # one per rank
+    plain, tensors = zip(*distributed.gather(_random_states()))  # one of each per rank
     if distributed.rank() != 0:
         return
-    scratch = os.path.join(cfg.output_dir, ".saving")
+    scratch = os.path.join(cfg.output_dir, SCRATCH)
     shutil.rmtree(scratch, ignore_errors=True)
     policy.save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)
-    state = dict(step=step, config=dataclasses.asdict(cfg), optimizer=optimizer.state_dict(), kl_coef=kl_ctl.value,
-                 rng=rng, world_size=len(rng), prompt_rng=prompt_rng.get_state(), order=order)  # fmt: skip
+    state = dict(optimizer=optimizer.state_dict(), torch_rng=list(tensors), prompt_rng=prompt_rng.get_state(),
+                 order=order)  # fmt: skip
     torch.save(state, os.path.join(scratch, TRAINER_STATE))
-    for name in sorted(os.listdir(scratch), key=lambda name: name == TRAINER_STATE):
+    names = sorted(os.listdir(scratch))
+    manifest = dict(format=FORMAT, step=step, config=dataclasses.asdict(cfg), kl_coef=kl_ctl.value,
+                    world_size=len(plain), rng=list(plain),
+                    files={name: _sha256(os.path.join(scratch, name)) for name in names})  # fmt: skip
+    with open(os.path.join(scratch, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    for name in names + [MANIFEST]:  # the manifest last: it says which files belong together
         os.replace(os.path.join(scratch, name), os.path.join(cfg.output_dir, name))
     os.rmdir(scratch)
 
 
-def load_trainer_state(output_dir: str) -> dict:
-    path = os.path.join(output_dir, TRAINER_STATE)
+def read_manifest(directory: str) -> dict:
+    """The checkpoint's trainer_state.json, checked for form; one ConfigError line if there is
+    none, or it is of an older format, or it is not one."""
+    path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
-        raise ConfigError(f"--resume {output_dir}: no checkpoint there ({TRAINER_STATE} is missing)")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: python objects inside
+        if os.path.isfile(os.path.join(directory, TRAINER_STATE)):
+            raise ConfigError(f"{directory} holds a checkpoint of an older version of this code ({TRAINER_STATE} "
+                              f"without {MANIFEST}), which only pickle can read: it is not loaded; start a new run")
+        raise ConfigError(f"--resume {directory}: no checkpoint there ({MANIFEST} is missing)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        kinds = dict(format=int, step=int, config=dict, kl_coef=(int, float), world_size=int, rng=list, files=dict)
+        wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)]
+    except (OSError, ValueError, AttributeError) as e:
+        wrong = [f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"]
+    if wrong or manifest["format"] != FORMAT:
+        what = f"format {manifest['format']}, this code reads {FORMAT}" if not wrong else f"bad: {', '.join(wrong)}"
+        raise ConfigError(f"{path} is not a checkpoint this code can read ({what}): start a new run")
+    return manifest
+
+
+def check_complete(directory: str, manifest: dict) -> None:
+    """Raise one ConfigError line unless every file of the checkpoint is the one saved with it."""
+    for name, digest in manifest["files"].items():
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and _sha256(path) == digest:
+            continue
+        problem = "is missing" if not os.path.isfile(path) else f"is not the file saved with step {manifest['step']}"
+        scratch = os.path.join(directory, SCRATCH)
+        if os.path.isfile(os.path.join(scratch, MANIFEST)):
+            fix = f"a save was cut off, and its files are in {scratch}: mv {scratch}/* {directory}/ completes it"
+        else:
+            fix = "restore the folder from a copy, or start a new run"
+        raise ConfigError(f"--resume {directory}: a partial or mixed checkpoint: {name} {problem}; {fix}")
+
+
+def load_trainer_state(directory: str) -> dict:
+    """The checkpoint's manifest and tensors in one dict, after checking that they belong together."""
+    manifest = read_manifest(directory)
+    check_complete(directory, manifest)
+    path = os.path.join(directory, TRAINER_STATE)
+    try:  # weights_only: tensors and plain containers, never code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ok = isinstance(state, dict) and isinstance(state.get("optimizer"), dict) and \
+            all(isinstance(state.get(k), torch.Tensor) for k in ("prompt_rng", "order")) and \
+            isinstance(state.get("torch_rng"), list) and len(state["torch_rng"]) == len(manifest["rng"])  # fmt: skip
+        reason = "" if ok else "it does not hold the optimizer, random states and data order"
+    except Exception as e:  # a truncated file, or one with python objects inside
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
+    if reason:
+        raise ConfigError(f"{path} can't be read as a checkpoint ({reason}): start a new run")
+    return {**manifest, **state}
 
 
 def resume_config(cfg):
-    """The saved run's config, for `--resume DIR`; says which other flags it ignores."""
-    state = load_trainer_state(cfg.resume)
+    """The saved run's config, for `--resume DIR`; says which other flags it ignores. The whole
+    checkpoint is checked here, before anything is loaded: a bad one costs no time."""
+    saved = load_trainer_state(cfg.resume)["config"]
     defaults = type(cfg)()
     ignored = sorted(k for k, v in dataclasses.asdict(cfg).items() if k != "resume" and v != getattr(defaults, k))
     if ignored:
         print(f"--resume continues with the run's saved config; ignoring: {', '.join(ignored)}")
-    return type(cfg)(**{**state["config"], "resume": cfg.resume, "output_dir": cfg.resume})
+    return type(cfg)(**{**saved, "resume": cfg.resume, "output_dir": cfg.resume})
 
 
 def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
     """Load a checkpoint's weights, optimizer, β and random states; return (step, data order)."""
     from transformers import AutoModelForCausalLM
 
-    state = load_trainer_state(directory)
-    if state.get("world_size", 1) != distributed.world_size():
-        raise ConfigError(f"--resume {directory}: the run was saved by {state.get('world_size', 1)} process(es), this "
+    saved_world = read_manifest(directory)["world_size"]
+    if saved_world != distributed.world_size():
+        raise ConfigError(f"--resume {directory}: the run was saved by {saved_world} process(es), this "
                           f"is {distributed.world_size()}: resume with the same number (torchrun --nproc_per_node)")
-    saved = CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM)
-    policy.load_state_dict(saved.state_dict())
+    state = load_trainer_state(directory)
+    try:  # safetensors, and value_head.pt through weights_only: no code runs either way
+        saved = CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM)
+        policy.load_state_dict(saved.state_dict())
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:100]
+        raise ConfigError(f"{directory}: the saved policy can't be loaded ({type(e).__name__}: {first})") from None
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.value = state["kl_coef"]
-    rng = state["rng"][distributed.rank()]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _set_random_states(state["rng"][distributed.rank()], state["torch_rng"][distributed.rank()])
     prompt_rng.set_state(state["prompt_rng"])
     return state["step"], state["order"]
 
 
 def what_is_on_disk(output_dir: str) -> str:
     """After a failed step: the weights in memory may have moved, the checkpoint on disk has not."""
-    path = os.path.join(output_dir, TRAINER_STATE)
-    if not os.path.isfile(path):
+    try:
+        step = read_manifest(output_dir)["step"]
+    except ConfigError:
         return "the run stopped; no checkpoint was saved yet (--save-every N saves one every N steps)"
-    step = torch.load(path, map_location="cpu", weights_only=False)["step"]
     return (f"the run stopped and saved nothing; the checkpoint of step {step} on disk is untouched: "
             f"python ppo_rlhf.py --resume {output_dir}")  # fmt: skip
 

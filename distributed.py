@@ -62,9 +62,16 @@ def setup(cfg) -> str:
     return device_name
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(wait: bool = False) -> None:
+    """End the process group. `wait=True` (after a run that finished) first holds every rank at a
+    barrier until rank 0 has done its end-of-run work (held-out answers, samples.md, curves.png):
+    a rank that tore its group down and exited while rank 0 was still working could abort at
+    exit, and torchrun would then kill rank 0 before its files were written."""
+    if not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _device():

@@ -135,7 +135,8 @@ def tiny_config(**overrides) -> Config:
 def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     """Phase 1: sample one response per query, all queries in one `generate` call; each row gets
     its own length, drawn from [response_min_len, response_max_len]. Under --dtype bf16, generate
-    samples from bf16 logits; PPO's ratio is still exactly 1 at first (both sides use fp32 heads).
+    samples from bf16 logits; PPO's ratio is still 1 at first, up to float rounding (both sides
+    use the fp32 heads).
 
     Returns: response_ids (B, T) right-padded; response_mask (B, T) bool.
     """
@@ -433,6 +434,7 @@ def cli(argv=None) -> int:
     """`python ppo_rlhf.py ...`: run, and turn a RunError into one line and an exit status."""
     try:
         main(parse_args(argv))
+        distributed.teardown(wait=True)  # [ddp] no rank leaves before rank 0's end-of-run work is done
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from checkpoint import read_log
+from checkpoint import read_log, read_manifest
+from errors import ConfigError
 
 WIDTH = 100
 
@@ -88,7 +89,7 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
         print(f"[{title}: rows {idx.tolist()}]")
         ratio = torch.exp(torch.where(mask, mb["logprobs"] - trace["logprobs"][idx], 0.0))
         clipped = torch.clamp(ratio, 1 - cfg.cliprange, 1 + cfg.cliprange)
-        _show("ratio", ratio, "π/π_old = exp(logprobs − old logprobs); exactly 1 before any update", mask)
+        _show("ratio", ratio, "π/π_old = exp(logprobs − old logprobs); 1 before any update (up to rounding)", mask)
         _show("−A·ratio", -adv * ratio, "the unclipped surrogate (as a loss)", mask)
         _show("−A·clip(ratio)", -adv * clipped, f"the clipped one, ratio held to 1 ± {cfg.cliprange}", mask)
         print(f"pg_loss  = {mb['pg_loss']:+.5f}   mean of the larger of the two, over real tokens")
@@ -244,7 +245,9 @@ if __name__ == "__main__":
     if not dirs or not all(os.path.isfile(os.path.join(d, "log.jsonl")) for d in dirs):
         sys.exit("usage: python report.py DIR [DIR ...]   (redraws DIR/curves.png from DIR/log.jsonl;\n"
                  "       with several runs, overlays them in curves-compared.png in the first DIR)")
-    state = os.path.join(dirs[0], "trainer_state.pt")
-    target = torch.load(state, weights_only=False)["config"]["kl_target"] if os.path.isfile(state) else None
+    try:  # the KL target from the run's trainer_state.json (JSON: nothing in a shared folder runs)
+        target = read_manifest(dirs[0])["config"]["kl_target"]
+    except ConfigError:
+        target = None
     out = os.path.join(dirs[0], "curves-compared.png") if len(dirs) > 1 else ""
     plot_curves(dirs[0], target, dirs[1:], out)

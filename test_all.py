@@ -81,6 +81,32 @@ def padded_batch(queries, responses, pad_id=0, extra_left=0):
 
 
 # ---------------------------------------------------------------------------------------------
+# Comparing floats from two code paths
+# ---------------------------------------------------------------------------------------------
+# Two code paths that do the same float32 math (packed vs alone, recomputed vs sampled, one
+# process vs two) agree only up to rounding. The CPU library picks its kernels by shape and by
+# instruction set (AVX2, AVX-512, ARM), and each kernel sums in its own order. The rounding error
+# of a sum is a few ε (float32: 1.2e-7) times the size of the terms summed, not of the result:
+# a log-prob of −0.01 computed from logits near −60 carries the error of −60, and a value head's
+# output near 0 carries the error of its 64 products w_i·h_i. Each comparison below therefore
+# passes `scale`, the size of what was summed, and allows FP32_RTOL of it.
+#
+# Measured on an AVX-512 CPU, with its own kernels and with ATEN_CPU_CAPABILITY=avx2: packed vs
+# each sequence alone, 30 random batches, eager and SDPA: log-probs and logits at most 8.3 ε of
+# max|logits|, values at most 1.8 ε of max Σ|w_i·h_i|. FP32_RTOL = 1e-5 ≈ 84 ε leaves a 10×
+# margin and is still 10⁴ times smaller than what a real bug moves (a position off by one moves
+# a log-prob by O(1)). Exact equality is asserted only where the same kernel sees the same
+# shapes (the same call twice, or the same packed input reached through other padding).
+FP32_RTOL = 1e-5
+
+
+def assert_close_scaled(actual, expected, scale, rtol=FP32_RTOL):
+    """|actual − expected| ≤ rtol · (|expected| + scale): relative to the result, and to the size
+    `scale` of the terms that were summed to make it."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(scale))
+
+
+# ---------------------------------------------------------------------------------------------
 # The concept files stand alone
 # ---------------------------------------------------------------------------------------------
 
@@ -155,8 +181,8 @@ def test_value_head_round_trip_and_plain_lm_load(tmp_path):
     assert torch.equal(logits, logits2) and torch.equal(values, values2)
     assert values.abs().sum() > 0
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
-    with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=ids).logits, logits, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the library's LM head vs ours: other kernels, so up to rounding
+        assert_close_scaled(plain(input_ids=ids).logits, logits, scale=logits.abs().max())
 
 
 def test_value_head_starts_at_zero_and_keeps_chosen_positions():
@@ -168,7 +194,8 @@ def test_value_head_starts_at_zero_and_keeps_chosen_positions():
         kept_logits, kept_values = model(ids, positions, keep=torch.tensor([1, 7, 11]))
     assert logits.shape == (2, 6, 300) and values.shape == (2, 6)
     assert torch.equal(values, torch.zeros(2, 6))
-    torch.testing.assert_close(kept_logits, logits.flatten(0, 1)[[1, 7, 11]])
+    # the head on 3 rows or on 12: other matmul shapes, so up to rounding
+    assert_close_scaled(kept_logits, logits.flatten(0, 1)[[1, 7, 11]], scale=logits.abs().max())
     assert kept_values.shape == (3,)
 
 
@@ -205,11 +232,13 @@ def test_batched_forward_pass_equals_a_token_by_token_loop(lm):
     q_ids, q_mask, r_ids, r_mask = padded_batch([query], [response])
     with torch.no_grad():
         fast, _, _ = batched_forward_pass(CausalLMWithValueHead(lm), q_ids, q_mask, r_ids, r_mask)
-        slow_ = []
+        slow_, scale = [], 0.0
         for t, token in enumerate(response):  # π(r_t | query, r_<t), one prefix at a time
             prefix = torch.tensor([query + response[:t]])
-            slow_.append(torch.log_softmax(lm(input_ids=prefix).logits[0, -1], -1)[token])
-    torch.testing.assert_close(fast[0], torch.stack(slow_), atol=1e-5, rtol=0)
+            logits = lm(input_ids=prefix).logits[0, -1]  # (V,)
+            slow_.append(torch.log_softmax(logits, -1)[token])
+            scale = max(scale, logits.abs().max().item())
+    assert_close_scaled(fast[0], torch.stack(slow_), scale)  # a log-prob carries its logits' rounding
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -228,12 +257,17 @@ def test_packed_batch_equals_each_sequence_run_alone(lm, attn):
             ids = torch.tensor([q + r])  # no padding, no packing: the plain model call
             out = lm(input_ids=ids, output_hidden_states=True)
             alone = torch.log_softmax(out.logits[0, len(q) - 1 : -1], -1).gather(1, torch.tensor(r)[:, None])[:, 0]
-            alone_values = model.v_head(out.hidden_states[-1][0, len(q) - 1 : -1]).squeeze(-1)
-            torch.testing.assert_close(batched[i, : len(r)], alone, atol=1e-5, rtol=0)
-            torch.testing.assert_close(values[i, : len(r)], alone_values, atol=1e-5, rtol=0)
-            torch.testing.assert_close(logits[i, : len(r)], out.logits[0, len(q) - 1 : -1], atol=1e-4, rtol=0)
+            hidden = out.hidden_states[-1][0, len(q) - 1 : -1]  # (T_i, H)
+            alone_values = model.v_head(hidden).squeeze(-1)
+            # Other shapes, other kernels: equal up to rounding, scaled to what was summed (the
+            # logits for a log-prob; the products w_i·h_i of the value head's dot product).
+            logit_scale = out.logits.abs().max()
+            assert_close_scaled(batched[i, : len(r)], alone, logit_scale)
+            assert_close_scaled(values[i, : len(r)], alone_values, (model.v_head.weight.abs() @ hidden.abs().T).max())
+            assert_close_scaled(logits[i, : len(r)], out.logits[0, len(q) - 1 : -1], logit_scale)
     mask = padded_batch(queries, responses)[3]
-    torch.testing.assert_close(more_pads[0][mask], batched[mask], atol=1e-5, rtol=0)
+    # Other padding packs to the very same row: the same kernels see the same shapes, so equal to the bit.
+    assert torch.equal(more_pads[0], batched)
     assert torch.equal(batched[~mask], torch.zeros((~mask).sum()))  # padding holds 0
 
 
@@ -244,6 +278,8 @@ def test_packed_sequences_do_not_see_each_other(lm):
     with torch.no_grad():
         a, _, _ = batched_forward_pass(model, *padded_batch(queries, responses))
         b, _, _ = batched_forward_pass(model, *padded_batch(*changed))
+    # Same shapes, so the same kernels: the second sequence's numbers are equal to the bit, since
+    # the first one's tokens reach it only through attention weights that are exactly 0.
     assert torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
 
 
@@ -342,7 +378,8 @@ def test_full_kl_matches_direct_sum():
         for t in range(3):
             direct[b, t] = sum(p[b, t, v] * (p[b, t, v].log() - q[b, t, v].log()) for v in range(11))
     dummy = torch.zeros(2, 3)
-    torch.testing.assert_close(kl_per_token(dummy, dummy, "full", logits, ref_logits), direct)
+    terms = (p * (p.log() - q.log())).abs().sum(-1).max()  # the size of what the sum adds up
+    assert_close_scaled(kl_per_token(dummy, dummy, "full", logits, ref_logits), direct, terms)
 
 
 @pytest.mark.parametrize("kind", ["kl", "abs", "mse", "full"])
@@ -353,7 +390,8 @@ def test_kl_is_zero_when_policy_is_reference(lm, kind):
         ref_logits = lm(input_ids=ids).logits[:, -5:-1]
     lp, ref = gather_logprobs(logits, ids[:, -4:]), gather_logprobs(ref_logits, ids[:, -4:])
     _, nsr, kl = kl_shaped_rewards(torch.ones(3), lp, ref, ragged_mask([4, 2, 3], 4), 0.2, kind, logits, ref_logits)
-    assert kl.abs().max() < 1e-6 and nsr.abs().max() < 1e-6
+    # The same call twice (same kernels, same shapes) gives the same bits, so the KL is exactly 0.
+    assert torch.equal(kl, torch.zeros(3, 4)) and torch.equal(nsr, torch.zeros(3, 4))
 
 
 def test_adaptive_kl_controller_hand_sequence():
@@ -426,13 +464,16 @@ def test_masked_stats_equal_unmasked_stats_on_the_kept_values():
     x = torch.randn(3, 5)
     mask = ragged_mask([5, 2, 4], 5)
     kept = x[mask]
-    torch.testing.assert_close(masked_mean(x, mask), kept.mean())
-    torch.testing.assert_close(masked_var(x, mask), kept.var(unbiased=False))
+    # Sums over (3, 5) with zeros vs over the 11 kept values: another order, so up to rounding of
+    # the values summed (for the whitened ones: the values over the standard deviation).
+    size, std = kept.abs().max(), kept.std(unbiased=False)
+    assert_close_scaled(masked_mean(x, mask), kept.mean(), size)
+    assert_close_scaled(masked_var(x, mask), kept.var(unbiased=False), size**2)
     white = masked_whiten(x, mask)
-    torch.testing.assert_close(white[mask], (kept - kept.mean()) / kept.std(unbiased=False), atol=1e-5, rtol=0)
+    assert_close_scaled(white[mask], (kept - kept.mean()) / std, size / std)
     assert torch.equal(white[~mask], torch.zeros((~mask).sum()))
     kept_mean = masked_whiten(x, mask, shift_mean=False)[mask]
-    torch.testing.assert_close(kept_mean.mean(), kept.mean(), atol=1e-5, rtol=0)
+    assert_close_scaled(kept_mean.mean(), kept.mean(), size / std)
 
 
 def test_explained_variance_hand_cases():
@@ -583,7 +624,8 @@ def test_generation_samples_from_the_distribution_ppo_scores(lm, attn):
     with torch.no_grad():
         recomputed, _, _ = batched_forward_pass(policy, q_ids, q_mask, r_ids, r_mask)
     T = r_ids.shape[1]
-    torch.testing.assert_close(recomputed[r_mask], sampled_with[:, :T][r_mask], atol=1e-5, rtol=0)
+    # generate's padded, cached passes vs one packed pass: other kernels, so up to the logits' rounding
+    assert_close_scaled(recomputed[r_mask], sampled_with[:, :T][r_mask], torch.stack(out.logits).abs().max())
 
 
 def test_cli_help_groups_and_tiny_overrides(capsys):
@@ -726,7 +768,16 @@ def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
         )  # fmt: skip
         assert pg.item() == pytest.approx(mb["pg_loss"]) and vf.item() == pytest.approx(mb["vf_loss"])
     assert f"pg_loss  = {tr['minibatches'][0]['pg_loss']:+.5f}" in out
-    assert tr["minibatches"][0]["ratio_max"] == 1.0  # the first minibatch sees the rollout weights
+    # The first minibatch sees the rollout weights, but packs the rows in another order than
+    # phase 3 did, so the kernels see other shapes: the ratio is 1 up to the rounding of two
+    # log-probs, each FP32_RTOL of the logits' size (measured here: 9.5e-7 off 1), and nothing clips.
+    policy, _ = loading.load_policy_and_tokenizer(tiny.ensure_world()[0], torch.device("cpu"))
+    with torch.no_grad():
+        logits = batched_forward_pass(policy, tr["query_ids"], tr["query_mask"], tr["response_ids"], mask,
+                                      return_logits=True)[2]  # fmt: skip
+    first = tr["minibatches"][0]
+    assert abs(first["ratio_max"] - 1) <= 2 * FP32_RTOL * logits.abs().max().item(), first["ratio_max"]
+    assert first["pg_clipfrac"] == 0.0
 
 
 @slow
@@ -936,6 +987,131 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_log(tmp_path):
         assert x == y  # scores, KL, losses: the same numbers, not merely close
 
 
+def edit_manifest(directory, change):
+    """Apply `change` to a checkpoint's trainer_state.json, as someone editing the folder would."""
+    path = os.path.join(directory, checkpoint.MANIFEST)
+    manifest = json.load(open(path))
+    change(manifest)
+    json.dump(manifest, open(path, "w"))
+
+
+def rehash(directory, name):
+    """Make trainer_state.json vouch for the file `name` as it is now: what a forged folder does."""
+    edit_manifest(directory, lambda m: m["files"].update({name: checkpoint._sha256(os.path.join(directory, name))}))
+
+
+def save_small_checkpoint(directory, step=3):
+    """A checkpoint of a random 2-layer policy, written by the loop's own save_checkpoint."""
+    report.quiet_libraries()  # no progress bar from save_pretrained on stderr
+    cfg = ppo_rlhf.tiny_config(output_dir=str(directory))
+    policy = CausalLMWithValueHead(random_gpt2(seed=step))
+    _, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, cfg)
+    os.makedirs(directory, exist_ok=True)
+    checkpoint.save_checkpoint(policy, TOKENIZER, optimizer, kl_ctl, step, cfg, torch.Generator(), torch.arange(10))
+    return cfg
+
+
+class Planted:
+    """Unpickling this runs `open(path, "w")`: what a malicious file in a shared run folder does."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('code ran')",))
+
+
+def test_a_planted_pickle_never_runs(world, tmp_path, capsys):
+    """A shared run folder whose trainer_state.pt or value_head.pt unpickles into code (and whose
+    trainer_state.json vouches for it): --resume, report.py and the NaN message refuse or ignore
+    it, and the code never runs."""
+    import subprocess
+    import sys
+
+    canary = tmp_path / "canary"
+    torch.save({"optimizer": Planted(canary)}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)  # the plant is live: plain pickle runs it
+    assert canary.exists()
+    canary.unlink()
+
+    for planted in (checkpoint.TRAINER_STATE, value_head.VALUE_HEAD_FILE):
+        run = tmp_path / planted.replace(".", "_")
+        save_small_checkpoint(run)
+        torch.save({"optimizer": Planted(canary), "weight": Planted(canary)}, run / planted)
+        rehash(run, planted)
+        code, err = run_cli(["--resume", str(run)], capsys)
+        assert code == 2 and len(err) == 1 and str(run) in err[0], err
+        assert "step 3" in checkpoint.what_is_on_disk(str(run))
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "report.py"), str(run)], capture_output=True,
+                              text=True, cwd=tmp_path)  # fmt: skip
+        assert "Traceback" not in proc.stderr
+        assert not canary.exists(), planted
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("truncate", "trainer_state.pt can't be read as a checkpoint"),
+        ("a tensor", "does not hold the optimizer"),
+        ("bad json", "trainer_state.json is not a checkpoint this code can read"),
+        ("format 1", "format 1, this code reads 2"),
+        ("older version", "a checkpoint of an older version of this code"),
+    ],
+)
+def test_a_damaged_or_foreign_trainer_state_is_one_line(tmp_path, capsys, damage, expected):
+    save_small_checkpoint(tmp_path)
+    state, manifest = tmp_path / checkpoint.TRAINER_STATE, tmp_path / checkpoint.MANIFEST
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[:1000])
+        rehash(tmp_path, checkpoint.TRAINER_STATE)
+    elif damage == "a tensor":
+        torch.save(torch.zeros(3), state)
+        rehash(tmp_path, checkpoint.TRAINER_STATE)
+    elif damage == "bad json":
+        manifest.write_text(manifest.read_text()[:-20])
+    elif damage == "format 1":
+        edit_manifest(tmp_path, lambda m: m.update(format=1))
+    else:
+        manifest.unlink()
+    code, err = run_cli(["--resume", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_a_save_cut_off_between_two_moves_is_refused_and_can_be_completed(tmp_path, capsys, monkeypatch):
+    """All or nothing: a crash after some of a checkpoint's files were moved in leaves a mix of two
+    steps, which --resume refuses in one line; doing what the line says completes the new one."""
+    save_small_checkpoint(tmp_path, step=3)
+    moves, real_replace = [], os.replace
+
+    def crash_after_the_weights_moved(src, dst):
+        moves.append(os.path.basename(dst))
+        if "model.safetensors" in moves[:-1]:
+            raise KeyboardInterrupt  # the process dies here, as with SIGKILL
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_after_the_weights_moved)
+    with pytest.raises(KeyboardInterrupt):
+        save_small_checkpoint(tmp_path, step=4)
+    monkeypatch.undo()
+    code, err = run_cli(["--resume", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "a partial or mixed checkpoint" in err[0], err
+    assert f"mv {tmp_path}/.saving/* {tmp_path}/ completes it" in err[0]
+    import subprocess
+
+    subprocess.run(f"mv {tmp_path}/.saving/* {tmp_path}/", shell=True, check=True)
+    assert checkpoint.load_trainer_state(str(tmp_path))["step"] == 4
+
+
+def test_weights_from_another_step_are_refused(tmp_path, capsys):
+    save_small_checkpoint(tmp_path / "a", step=3)
+    save_small_checkpoint(tmp_path / "b", step=5)
+    os.replace(tmp_path / "b" / "model.safetensors", tmp_path / "a" / "model.safetensors")
+    code, err = run_cli(["--resume", str(tmp_path / "a")], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "a partial or mixed checkpoint: model.safetensors is not the file saved with step 3" in err[0]
+    assert "restore the folder from a copy, or start a new run" in err[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Data parallel: torchrun, gloo on the CPU
 # ---------------------------------------------------------------------------------------------
@@ -969,9 +1145,37 @@ def test_global_whitening_and_means_equal_one_process_over_both_shards(tmp_path)
     torch.manual_seed(0)
     x, mask = torch.randn(4, 6) * 3 + 1, ragged_mask([6, 2, 5, 3], 6)  # the ranks hold 8 and 8 tokens
     mp.spawn(_two_rank_worker, args=(free_port(), x, mask, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    torch.testing.assert_close(torch.cat([r["white"] for r in ranks]), masked_whiten(x, mask), atol=1e-5, rtol=0)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # float64 sums over two ranks vs float32 sums in one: up to rounding of the values over their std
+    kept = x[mask]
+    white = torch.cat([r["white"] for r in ranks])
+    assert_close_scaled(white, masked_whiten(x, mask), kept.abs().max() / kept.std(unbiased=False))
     assert ranks[0]["stats"] == ranks[1]["stats"] == {"kl": 1.5, "step": 7, "note": "kept"}  # floats averaged
+
+
+def _teardown_worker(rank, port, out_dir):
+    import time
+
+    import torch.distributed as dist
+
+    import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 0:
+        time.sleep(2.0)  # rank 0's end-of-run work: held-out answers, samples.md, curves.png
+        open(os.path.join(out_dir, "rank0-done"), "w").write(str(time.time()))
+    distributed.teardown(wait=True)
+    open(os.path.join(out_dir, f"rank{rank}-left"), "w").write(str(time.time()))
+
+
+def test_no_rank_tears_down_before_rank_zero_has_finished(tmp_path):
+    """The issue seen under torchrun: rank 1 left while rank 0 was still evaluating, aborted at
+    exit, and torchrun killed rank 0 before it wrote its files. teardown(wait=True) holds it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_teardown_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    done = float((tmp_path / "rank0-done").read_text())
+    assert float((tmp_path / "rank1-left").read_text()) >= done
 
 
 @slow
@@ -1003,8 +1207,7 @@ def test_torchrun_two_processes_train_one_model(tmp_path):
 def test_resume_with_another_number_of_processes_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     ppo_rlhf.main(ppo_rlhf.tiny_config(steps=1, output_dir=str(out), eval_prompts=0, sample_every=0))
-    state = checkpoint.load_trainer_state(str(out))
-    torch.save({**state, "world_size": 2, "rng": state["rng"] * 2}, out / checkpoint.TRAINER_STATE)
+    edit_manifest(out, lambda m: m.update(world_size=2, rng=m["rng"] * 2))  # as if two processes had saved it
     capsys.readouterr()  # the first run's output
     code, err = run_cli(["--resume", str(out)], capsys)
     assert code == 2 and len(err) == 1 and "saved by 2 process(es), this is 1" in err[0] and "torchrun" in err[0]

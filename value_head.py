@@ -17,7 +17,9 @@ Four choices worth knowing:
 - Dropout is switched off in the wrapped LM. PPO compares log π at rollout time with log π
   recomputed during the update; with dropout on, the two forward passes use different random
   masks, so the ratio π/π_old is not 1 even before the first gradient step and the clipping fires
-  on noise. With dropout off the ratio is exactly 1 until the weights change.
+  on noise. With dropout off the ratio is 1 until the weights change, up to float rounding:
+  exactly 1 when the recomputation runs the same shapes, within a few 1e-7 when a minibatch
+  packs the rows in another order and the CPU library picks other kernels for the new shapes.
 - The value head is initialised to zero (weight and bias), so V = 0 everywhere at the start.
   A randomly initialised head would add random values to the first advantages (A = δ + ...,
   δ = r + V' − V); a zero head starts GAE from plain reward-to-go. It still learns: ∂V/∂w = h ≠ 0.
