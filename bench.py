@@ -3,6 +3,7 @@
     python bench.py --shape tiny                                 # the --tiny world
     python bench.py --shape gpt2 --batch-size 16                 # GPT-2 small, 124M parameters
     python bench.py --shape gpt2 --batch-size 128 --device cuda --dtype bf16
+    python bench.py --shape tiny --advantage-estimator grpo      # no critic, K = 4 responses per prompt
 
 Each iteration is one call of `ppo_rlhf.ppo_step`, the very code the training loop runs:
 rollout (one `generate` call), score, policy + reference forward, PPO update. The speed of these
@@ -138,12 +139,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="", help="attention kernel (default: SDPA, as ppo_rlhf.py)")
+    parser.add_argument("--advantage-estimator", choices=ppo_rlhf.ESTIMATORS, default="gae")
+    parser.add_argument("--group-size", type=int, default=0, help="K responses per prompt; 0: 1 for gae, 4 otherwise")
     args = parser.parse_args(argv)
 
     device = loading.resolve_device(args.device, args.dtype)
     cfg = ppo_rlhf.Config(
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size or args.batch_size,
         ppo_epochs=args.ppo_epochs, device=str(device), dtype=args.dtype, seed=args.seed,
+        advantage_estimator=args.advantage_estimator, group_size=args.group_size,
     )  # fmt: skip
     cfg.validate()
     loading.seed_everything(args.seed)
@@ -156,7 +160,8 @@ def main(argv=None) -> dict:
 
     rows = []
     for i in range(args.warmup + args.iters):
-        lengths = torch.randint(cfg.query_min_len, cfg.query_max_len + 1, (cfg.batch_size,)).tolist()
+        prompts = cfg.batch_size // cfg.responses_per_prompt  # ppo_step samples K responses to each
+        lengths = torch.randint(cfg.query_min_len, cfg.query_max_len + 1, (prompts,)).tolist()
         ids = [torch.randint(0, len(tokenizer) - 1, (n,)) for n in lengths]
         queries = [(q + (q >= eos)).tolist() for q in ids]  # random tokens other than EOS
         query_ids, query_mask = loading.left_pad(queries, tokenizer.pad_token_id, device)
@@ -168,7 +173,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        tokens = int(query_mask.sum() + trace["response_mask"].sum())
+        tokens = int(trace["query_mask"].sum() + trace["response_mask"].sum())
         if i >= args.warmup:
             rows.append(dict(record["time"], iteration=seconds, tokens=tokens,
                              flops=iteration_flops(policy.lm, cls_blocks, trace, cfg.ppo_epochs)))  # fmt: skip
@@ -182,7 +187,8 @@ def main(argv=None) -> dict:
         memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
         device_name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     result = {
-        "shape": args.shape, "batch_size": cfg.batch_size, "mini_batch_size": cfg.mini_batch_size,
+        "shape": args.shape, "advantage_estimator": cfg.advantage_estimator, "group_size": cfg.responses_per_prompt,
+        "batch_size": cfg.batch_size, "mini_batch_size": cfg.mini_batch_size,
         "ppo_epochs": cfg.ppo_epochs, "device": device_name, "dtype": args.dtype, "iters": args.iters,
         "iteration_s": median["iteration"], "rollout_s": median["rollout"], "score_s": median["score"],
         "forward_s": median["forward"], "update_s": median["update"],
@@ -191,7 +197,8 @@ def main(argv=None) -> dict:
         "matmul_peak_gflops": peak / 1e9, "share_of_peak": median["flops"] / median["iteration"] / peak,
         "peak_memory_gib": memory_gb, "torch": torch.__version__,
     }  # fmt: skip
-    print(f"PPO iteration, {args.shape} shape, batch {cfg.batch_size}/{cfg.mini_batch_size}, "
+    print(f"PPO iteration ({cfg.advantage_estimator}, K={cfg.responses_per_prompt}), {args.shape} shape, "
+          f"batch {cfg.batch_size}/{cfg.mini_batch_size}, "
           f"{cfg.ppo_epochs} epochs, {args.dtype}, {device_name}: median of {args.iters}")  # fmt: skip
     for phase in ("rollout", "score", "forward", "update"):
         print(f"  {phase:<9} {median[phase]:8.3f} s   {median[phase] / median['iteration']:5.1%}")

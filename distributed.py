@@ -10,6 +10,7 @@ same on every rank is made so, in the few places marked `# [ddp]` in ppo_rlhf.py
     β              the KL controller sees the KL averaged over every rank
     stats          logged numbers are averaged over the ranks
     minibatches    every rank runs the same number (batch and minibatch sizes are split evenly)
+    groups         rloo and grpo: each rank samples whole groups of K responses to a prompt
 
 Rank 0 alone prints and writes files. Without torchrun (no WORLD_SIZE in the environment) every
 function here is a no-op, and the loop reads as on one device.
@@ -48,6 +49,10 @@ def setup(cfg) -> str:
     if cfg.batch_size % world or cfg.mini_batch_size % world:
         raise ConfigError(f"--batch-size {cfg.batch_size} and --mini-batch-size {cfg.mini_batch_size} must be "
                           f"multiples of the {world} processes: each rank takes an equal share")  # fmt: skip
+    K = cfg.responses_per_prompt
+    if cfg.batch_size % (world * K):
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of {world} processes × {K} responses "
+                          "per prompt: each rank samples whole groups")  # fmt: skip
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -57,3 +57,40 @@ def check_finite(mask: torch.Tensor, **tensors) -> None:
             bad.append(f"{name} (rows {rows})")
     if bad:
         raise NonFiniteError("NaN or inf in " + ", ".join(bad))
+
+
+def check_config(cfg, estimators) -> None:
+    """Raise ConfigError, one line naming the fix, for a value of `cfg` (ppo_rlhf.Config) no run
+    can use; `estimators` are the names --advantage-estimator accepts."""
+    from rewards import KL_KINDS
+
+    defaults = type(cfg)()
+    for name in ["query_min_len", "response_min_len", "batch_size", "mini_batch_size", "ppo_epochs", "lr",
+                 "kl_target", "kl_horizon", "reward_batch_size"]:  # fmt: skip
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ["steps", "init_kl_coef", "save_every", "sample_every", "eval_prompts", "min_review_chars",
+                 "cliprange", "cliprange_value", "vf_coef", "group_size"]:  # fmt: skip
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.mini_batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not a multiple of --mini-batch-size {cfg.mini_batch_size}")
+    if cfg.query_max_len < cfg.query_min_len or cfg.response_max_len < cfg.response_min_len:
+        raise ConfigError("each *-max-len must be at least its *-min-len")
+    for name, allowed in (("kl_kind", KL_KINDS), ("dtype", ("fp32", "bf16")), ("advantage_estimator", estimators)):
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    K = cfg.responses_per_prompt
+    if cfg.advantage_estimator != "gae" and K < 2:
+        raise ConfigError(f"--advantage-estimator {cfg.advantage_estimator} compares each response with the "
+                          "others to the same prompt: --group-size must be at least 2")  # fmt: skip
+    if cfg.batch_size % K:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not a multiple of --group-size {K}: "
+                          "each prompt gets K responses")  # fmt: skip
+    if cfg.reward_fn and cfg.reward_model != defaults.reward_model:
+        raise ConfigError("--reward-fn and --reward-model both name the reward: keep one")
+    ignored = [k for k in ("model", "reward_model", "dataset") if getattr(cfg, k) != getattr(defaults, k)]
+    if cfg.tiny and ignored:  # tiny.py builds these
+        flags = " and ".join("--" + k.replace("_", "-") for k in ignored)
+        raise ConfigError(f"--tiny builds its own policy, reward model and prompts, so {flags} would be ignored: "
+                          "drop them, or drop --tiny")  # fmt: skip

@@ -13,7 +13,8 @@ One PPO step (`ppo_step`), with the tutorial's section titles:
     2. score       the reward model scores query + response        (rewards.pipeline_scorer)
     3. logprobs    policy log-probs and values, reference log-probs (logprobs.batched_forward_pass)
     4. rewards     KL-shaped per-token rewards                      (rewards.kl_shaped_rewards)
-    5. GAE         advantages and returns, advantages whitened      (gae.compute_gae)
+    5. GAE         advantages and returns, advantages whitened      (gae.compute_gae), or with no
+                   critic RLOO / GRPO from K responses per prompt  (group_advantages.py)
     6. PPO epochs  clipped loss over shuffled minibatches           (`ppo_update`, ppo_loss.ppo_loss)
     7. log         adapt the KL coefficient, gather the stats       (rewards.AdaptiveKLController)
 
@@ -38,13 +39,18 @@ import checkpoint
 import distributed
 import report
 import tiny
-from errors import ConfigError, NonFiniteError, RunError, check_finite
+from errors import NonFiniteError, RunError, check_config, check_finite
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
-from loading import left_pad, load_policy_and_tokenizer, load_queries, load_score_fn, make_autocast
+from group_advantages import grpo_advantages, k3_kl_loss, rloo_advantages
+from loading import left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn, make_autocast
 from loading import prepare_training, resolve_device, seed_everything
 from logprobs import batched_forward_pass, entropy_from_logits
 from ppo_loss import ppo_loss
 from rewards import KL_KINDS, kl_shaped_rewards
+
+# The advantage estimators: GAE with the critic (gae.py), or from groups of K (group_advantages.py).
+ESTIMATORS = ("gae", "rloo", "grpo")
+GROUP_ESTIMATORS = {"rloo": rloo_advantages, "grpo": grpo_advantages}
 
 
 def _arg(default, help):
@@ -57,6 +63,8 @@ class Config:
     model: str = _arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
     reward_model: str = _arg("lvwerra/distilbert-imdb", "text classifier whose logit is the score")
     reward_label: str = _arg("POSITIVE", "the classifier label whose raw logit is the score")
+    reward_fn: str = _arg("", "score with a Python function instead of the classifier: path/to/file.py:name "
+                              "or module:name, taking a list of texts and returning a list of floats")
     dataset: str = _arg("imdb", "prompts: a Hub dataset, a CSV/JSON/parquet file or a saved dataset")
     dataset_split: str = _arg("train", "split of the dataset to take prompts from")
     text_column: str = _arg("text", "column of the dataset holding the review text")
@@ -68,7 +76,10 @@ class Config:
     response_min_len: int = _arg(4, "shortest response to sample, in tokens")
     response_max_len: int = _arg(15, "longest response to sample, in tokens")
     # PPO
-    batch_size: int = _arg(128, "episodes per PPO step")
+    advantage_estimator: str = _arg("gae", "gae: PPO with the value head (critic); rloo or grpo: no critic, "
+                                           "advantages from K responses per prompt (group_advantages.py)")
+    group_size: int = _arg(0, "K, responses sampled per prompt; 0 = 1 for gae, 4 for rloo and grpo")
+    batch_size: int = _arg(128, "episodes (responses) per PPO step, so batch_size / K prompts")
     mini_batch_size: int = _arg(128, "episodes per gradient step; must divide batch_size")
     ppo_epochs: int = _arg(4, "passes over each batch")
     lr: float = _arg(1.41e-5, "Adam learning rate")
@@ -95,28 +106,14 @@ class Config:
     explain: bool = _arg(False, "run one PPO step on 4 prompts and print every tensor of every phase")
     resume: str = _arg("", "continue the run saved in this output folder from its last checkpoint")
 
+    @property
+    def responses_per_prompt(self) -> int:
+        """K: --group-size, or its default for the estimator."""
+        return self.group_size or (1 if self.advantage_estimator == "gae" else 4)
+
     def validate(self) -> None:
-        """Raise ConfigError, one line naming the fix, for a value no run can use."""
-        for name in ["query_min_len", "response_min_len", "batch_size", "mini_batch_size", "ppo_epochs", "lr",
-                     "kl_target", "kl_horizon", "reward_batch_size"]:  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ["steps", "init_kl_coef", "save_every", "sample_every", "eval_prompts", "min_review_chars",
-                     "cliprange", "cliprange_value", "vf_coef"]:  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.batch_size % self.mini_batch_size:
-            raise ConfigError(f"--batch-size {self.batch_size} is not a multiple of --mini-batch-size {self.mini_batch_size}")
-        if self.query_max_len < self.query_min_len or self.response_max_len < self.response_min_len:
-            raise ConfigError("each *-max-len must be at least its *-min-len")
-        for name, allowed in (("kl_kind", KL_KINDS), ("dtype", ("fp32", "bf16"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        ignored = [k for k in ("model", "reward_model", "dataset") if getattr(self, k) != getattr(Config, k)]
-        if self.tiny and ignored:  # tiny.py builds these
-            flags = " and ".join("--" + k.replace("_", "-") for k in ignored)
-            raise ConfigError(f"--tiny builds its own policy, reward model and prompts, so {flags} would be ignored: "
-                              "drop them, or drop --tiny")  # fmt: skip
+        """Raise ConfigError, one line naming the fix, for a value no run can use (errors.py)."""
+        check_config(self, ESTIMATORS)
 
 
 # --tiny: tiny.py's world at a batch that runs in seconds; β, its target and horizon as in the real run.
@@ -134,9 +131,8 @@ def tiny_config(**overrides) -> Config:
 
 def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     """Phase 1: sample one response per query, all queries in one `generate` call; each row gets
-    its own length, drawn from [response_min_len, response_max_len]. Under --dtype bf16, generate
-    samples from bf16 logits; PPO's ratio is still 1 at first, up to float rounding (both sides
-    use the fp32 heads).
+    its own length, drawn from [response_min_len, response_max_len]. Under --dtype bf16 generate
+    samples from bf16 logits; the ratio still starts at 1 (up to rounding: fp32 heads on both sides).
 
     Returns: response_ids (B, T) right-padded; response_mask (B, T) bool.
     """
@@ -188,14 +184,20 @@ def decode_texts(tokenizer, ids, mask) -> list:
 
 # ------------------------------------------------------------------------------ one PPO step
 
-def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_log=None) -> dict:
+def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_coef=0.0, minibatch_log=None) -> dict:
     """Phase 6: `ppo_epochs` passes of shuffled minibatches of the clipped PPO loss.
+
+    The loss, by advantage estimator:
+        gae    pg_loss + vf_coef · vf_loss    the critic (value head) learns beside the policy
+        rloo   pg_loss                        no critic: the value head gets no gradient
+        grpo   pg_loss + β · kl_loss          no critic; the KL to the reference is in the loss
 
     Args:
         policy, optimizer, cfg: as `main` builds them.
         batch: (B, ...) tensors: query_ids, query_mask, response_ids, response_mask, logprobs,
-            values, advantages (whitened), returns.
+            ref_logprobs, values, advantages, returns.
         autocast: a function returning the autocast context (a no-op for fp32).
+        kl_loss_coef: β for GRPO's KL term in the loss; 0 leaves the term out.
         minibatch_log: a list to append, per minibatch, the row indices, the new log-probs and
             values and the loss stats (for --explain); None keeps nothing.
 
@@ -203,6 +205,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_
         The stats of every minibatch of every epoch, averaged.
     """
     B = batch["response_ids"].shape[0]
+    critic = cfg.advantage_estimator == "gae"
     totals, n = {}, 0
     for epoch in range(cfg.ppo_epochs):
         for j, idx in enumerate(torch.randperm(B).split(cfg.mini_batch_size)):
@@ -214,14 +217,20 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, minibatch_
                 logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"],
                 mb["response_mask"], cfg.cliprange, cfg.cliprange_value,
             )  # fmt: skip
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            loss = pg_loss + cfg.vf_coef * vf_loss if critic else pg_loss
+            if kl_loss_coef:  # GRPO
+                kl_loss = k3_kl_loss(logprobs, mb["ref_logprobs"], mb["response_mask"])
+                loss = loss + kl_loss_coef * kl_loss
+                stats["kl_loss"] = kl_loss.item()
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"non-finite loss in epoch {epoch + 1}, minibatch {j + 1} "
                                      f"(pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            stats.update(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), loss=loss.item())
+            stats.update(pg_loss=pg_loss.item(), loss=loss.item(), **(dict(vf_loss=vf_loss.item()) if critic else {}))
+            if not critic:
+                del stats["vf_clipfrac"]
             if minibatch_log is not None:
                 minibatch_log.append(dict(epoch=epoch, idx=idx, logprobs=logprobs.detach(), vpred=vpred.detach(), **stats))
             totals, n = {k: totals.get(k, 0.0) + v for k, v in stats.items()}, n + 1
@@ -245,8 +254,11 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     """
     timer = report.PhaseTimer(query_ids.device)
     model = getattr(policy, "module", policy)  # [ddp] generate and phase 3 on the model inside DDP
+    K, estimator = cfg.responses_per_prompt, cfg.advantage_estimator
 
-    # 1. rollout: the policy continues every query (tutorial: "The policy generates an output")
+    # 1. rollout: the policy continues every query, K times for rloo and grpo (tutorial: "The policy
+    # generates an output"); the K responses to a prompt sit in consecutive rows
+    query_ids, query_mask = query_ids.repeat_interleave(K, 0), query_mask.repeat_interleave(K, 0)  # (B, Q)
     response_ids, response_mask = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
     timer("rollout")
 
@@ -265,26 +277,33 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     entropy = masked_mean(entropy_from_logits(logits), response_mask).item()
     timer("forward")
 
-    # 4. KL-shaped rewards (tutorial: "Compute rewards")
+    # 4. KL-shaped rewards (tutorial: "Compute rewards"); GRPO keeps β·KL out of them, for its loss
     kl_coef = kl_ctl.value
+    reward_kl_coef = 0.0 if estimator == "grpo" else kl_coef
     rewards, non_score_reward, kl = kl_shaped_rewards(
-        scores, logprobs, ref_logprobs, response_mask, kl_coef, cfg.kl_kind, logits if full_kl else None, ref_logits
+        scores, logprobs, ref_logprobs, response_mask, reward_kl_coef, cfg.kl_kind, logits if full_kl else None,
+        ref_logits,
     )  # (B, T) each
     del logits, ref_logits
 
-    # 5. GAE: advantages and returns; advantages whitened over the batch
-    raw_advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
-    advantages = masked_whiten(raw_advantages, response_mask, *distributed.global_mean_var(raw_advantages,
-                               response_mask))  # (B, T); [ddp] over every rank's tokens
+    # 5. GAE: advantages and returns, whitened over the batch; or, with no critic, from each group of K
+    if estimator == "gae":
+        raw_advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
+        advantages = masked_whiten(raw_advantages, response_mask, *distributed.global_mean_var(raw_advantages,
+                                   response_mask))  # (B, T); [ddp] over every rank's tokens
+    else:
+        raw_advantages, returns = GROUP_ESTIMATORS[estimator](rewards, response_mask, K)  # (B, T)
+        advantages = raw_advantages  # not whitened: see group_advantages.py
     check_finite(response_mask, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                  rewards=rewards, advantages=advantages)  # fmt: skip
 
     # 6. PPO epochs
     batch = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                 response_mask=response_mask, logprobs=logprobs, values=values,
+                 response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                  advantages=advantages, returns=returns)  # fmt: skip
     minibatches = [] if explain else None
-    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, minibatches)
+    kl_loss_coef = kl_coef if estimator == "grpo" else 0.0
+    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, kl_loss_coef, minibatches)
     timer("update")
 
     # 7. log: adapt β to this batch's KL, and gather the step's stats
@@ -307,7 +326,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         **train_stats,
         "time": dict(timer.times),
     }
-    trace = dict(texts=texts, scores=scores, ref_logprobs=ref_logprobs, kl=kl, rewards=rewards,
+    trace = dict(texts=texts, scores=scores, kl=kl, rewards=rewards,
                  non_score_reward=non_score_reward, raw_advantages=raw_advantages,
                  kl_coef=kl_coef, kl_coef_after=kl_ctl.value, minibatches=minibatches, **batch)  # fmt: skip
     return record, trace
@@ -342,28 +361,33 @@ def main(cfg: Config) -> list:
     seed_everything(cfg.seed + rank)  # [ddp] each rank samples its own responses
     device = resolve_device(device_name, cfg.dtype)
     autocast = make_autocast(device, cfg.dtype)
+    score_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # a bad --reward-fn fails before any work
 
     with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
         model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
-    print(f"loading the policy from {model}, the reward model from {reward_model}, prompts from {dataset}")
+    reward = f"the function {cfg.reward_fn}" if cfg.reward_fn else f"the reward model from {reward_model}"
+    print(f"loading the policy from {model}, {reward}, prompts from {dataset}")
     policy, tokenizer = load_policy_and_tokenizer(model, device)
     ref_model, optimizer, kl_ctl = prepare_training(policy, cfg)
-    score_fn = load_score_fn(reward_model, cfg.reward_label, cfg.reward_batch_size, device)
+    score_fn = score_fn or load_score_fn(reward_model, cfg.reward_label, cfg.reward_batch_size, device)
     prompt_rng = torch.Generator().manual_seed(cfg.seed)  # query lengths and data order, alike on all ranks
     eval_queries, queries = load_queries(dataset, tokenizer, cfg, prompt_rng)  # held out, training
     n_eval = len(eval_queries) if rank == 0 else 0
 
-    if cfg.explain:  # one step on 4 prompts, every tensor printed; nothing is saved
-        query_ids, query_mask = left_pad(queries[:4], tokenizer.pad_token_id, device)
+    K = cfg.responses_per_prompt
+    if cfg.explain:  # one step on 4 prompts (2 groups of K for rloo and grpo), every tensor printed; nothing is saved
+        query_ids, query_mask = left_pad(queries[: max(2, 4 // K)], tokenizer.pad_token_id, device)
         record, trace = ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask,
                                  cfg, autocast, explain=True)  # fmt: skip
         report.explain(trace, record, tokenizer, cfg)
         return [dict(record, trace=trace)]
 
-    steps_per_pass = len(queries) // cfg.batch_size
+    prompts_per_step = cfg.batch_size // K  # --batch-size counts episodes: prompts × K responses
+    steps_per_pass = len(queries) // prompts_per_step
     steps = cfg.steps or steps_per_pass
+    groups = f" ({prompts_per_step} prompts × {K} responses)" if K > 1 else ""
     print(f"{len(queries)} training prompts, {len(eval_queries)} held out; {steps} steps of {cfg.batch_size} "
-          f"episodes on {world} × {device}")  # fmt: skip
+          f"episodes{groups} on {world} × {device}")  # fmt: skip
     if n_eval:
         eval_ids, eval_mask = left_pad(eval_queries, tokenizer.pad_token_id, device)
         before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast)
@@ -376,20 +400,20 @@ def main(cfg: Config) -> list:
     checkpoint.write_log(log_path, history, "w")
     train_policy = distributed.wrap(policy, device)  # [ddp] DistributedDataParallel for the update
     rank_cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size // world)  # [ddp] the rank's share
-    per_rank = cfg.batch_size // world
+    per_rank = prompts_per_step // world  # [ddp] whole groups per rank
 
     with checkpoint.StopOnCtrlC() as stop:
         for step in tqdm(range(start, steps), desc="ppo", dynamic_ncols=True, disable=rank > 0):
             if step and step % steps_per_pass == 0:
                 order = torch.randperm(len(queries), generator=prompt_rng)  # next pass, new order
-            first = (step % steps_per_pass) * cfg.batch_size + rank * per_rank  # [ddp] this rank's shard
+            first = (step % steps_per_pass) * prompts_per_step + rank * per_rank  # [ddp] this rank's shard
             batch_queries = [queries[i] for i in order[first : first + per_rank]]
             query_ids, query_mask = left_pad(batch_queries, tokenizer.pad_token_id, device)  # (B, Q)
             try:
                 record, trace = ppo_step(train_policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids,
                                          query_mask, rank_cfg, autocast)  # fmt: skip
-            except NonFiniteError as e:
-                raise NonFiniteError(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
+            except RunError as e:  # NaN or inf, or a --reward-fn that returned something unusable
+                raise type(e)(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
             record = {"step": step + 1, **record, **({"fluency": tiny.fluency(trace["texts"])} if cfg.tiny else {})}
             record = distributed.mean({**record, "stop": float(stop.asked)})  # [ddp] stats over ranks
             stopping = record.pop("stop") > 0

@@ -71,15 +71,34 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
     _show("ref_logprobs", trace["ref_logprobs"], "log ρ(token) under the frozen reference model", rm)
     _show("values", trace["values"], "V: the value head's estimate of the reward still to come", rm)
 
+    estimator, K = cfg.advantage_estimator, cfg.responses_per_prompt
     _phase(4, "KL-shaped rewards", "rewards.kl_shaped_rewards")
     _show("kl", trace["kl"], f"per-token KL estimate ({cfg.kl_kind}): logprobs − ref_logprobs", rm)
-    _show("non_score_reward", trace["non_score_reward"], f"−β·kl with β = {trace['kl_coef']:.4f}", rm)
+    if estimator == "grpo":
+        print(f"GRPO keeps the KL out of the rewards: β = {trace['kl_coef']:.4f} weighs it in the loss (phase 6)")
+    else:
+        _show("non_score_reward", trace["non_score_reward"], f"−β·kl with β = {trace['kl_coef']:.4f}", rm)
     _show("rewards", trace["rewards"], "non_score_reward, plus the score on each row's last token", rm)
 
-    _phase(5, "GAE: advantages and returns", "gae.compute_gae, gae.masked_whiten")
-    _show("advantages (raw)", trace["raw_advantages"], f"A_t = δ_t + γλ·A_t+1, γ={cfg.gamma}, λ={cfg.lam}", rm)
-    _show("advantages", trace["advantages"], "whitened over the batch's real tokens: mean 0, std 1", rm)
-    _show("returns", trace["returns"], "A + V (raw A): the value head's target", rm)
+    if estimator == "gae":
+        _phase(5, "GAE: advantages and returns", "gae.compute_gae, gae.masked_whiten")
+        _show("advantages (raw)", trace["raw_advantages"], f"A_t = δ_t + γλ·A_t+1, γ={cfg.gamma}, λ={cfg.lam}", rm)
+        _show("advantages", trace["advantages"], "whitened over the batch's real tokens: mean 0, std 1", rm)
+        _show("returns", trace["returns"], "A + V (raw A): the value head's target", rm)
+    else:
+        _phase(5, f"group advantages ({estimator}, no critic)", f"group_advantages.{estimator}_advantages")
+        R = trace["returns"][:, 0]  # R_i sits on every real token; the first is always real
+        groups = R.view(-1, K)
+        print(f"each run of K = {K} consecutive rows holds the responses to one prompt")
+        _show("R (groups, K)", groups, "each response's reward: the sum of its rewards row")
+        if estimator == "rloo":
+            baseline = (groups.sum(1, keepdim=True) - groups) / (K - 1)
+            _show("baseline", baseline, "mean R of the other K−1 responses to the same prompt")
+        else:
+            print("group mean " + "  ".join(f"{m:+.3f}" for m in groups.mean(1).tolist()))
+            print("group std  " + "  ".join(f"{v:.3f}" for v in groups.std(1).tolist()))
+        note = "R − baseline, summing to 0 per group" if estimator == "rloo" else "(R − mean) / std in each group"
+        _show("advantages", trace["advantages"], note + "; the same on every token of a row", rm)
 
     _phase(6, "PPO epochs: clipped policy and value losses", "ppo_loss.ppo_loss")
     minibatches = trace["minibatches"]
@@ -93,8 +112,15 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
         _show("−A·ratio", -adv * ratio, "the unclipped surrogate (as a loss)", mask)
         _show("−A·clip(ratio)", -adv * clipped, f"the clipped one, ratio held to 1 ± {cfg.cliprange}", mask)
         print(f"pg_loss  = {mb['pg_loss']:+.5f}   mean of the larger of the two, over real tokens")
-        print(f"vf_loss  = {mb['vf_loss']:+.5f}   ½·mean of the larger of (vpred − R)² and (clipped vpred − R)²")
-        print(f"loss     = {mb['loss']:+.5f}   pg_loss + {cfg.vf_coef}·vf_loss, then backward and an Adam step")
+        if "vf_loss" in mb:
+            print(f"vf_loss  = {mb['vf_loss']:+.5f}   ½·mean of the larger of (vpred − R)² and (clipped vpred − R)²")
+            terms = f"pg_loss + {cfg.vf_coef}·vf_loss"
+        elif "kl_loss" in mb:
+            print(f"kl_loss  = {mb['kl_loss']:+.5f}   mean over real tokens of ρ/π − log(ρ/π) − 1 (k3)")
+            terms = f"pg_loss + β·kl_loss, β = {trace['kl_coef']:.4f}"
+        else:
+            terms = "pg_loss alone: no critic, no value loss"
+        print(f"loss     = {mb['loss']:+.5f}   {terms}, then backward and an Adam step")
         print(f"pg_clipfrac {mb['pg_clipfrac']:.3f}   approxkl {mb['approxkl']:.5f}")
 
     _phase(7, "adapt the KL coefficient", "rewards.AdaptiveKLController")
@@ -132,9 +158,10 @@ def print_step(record: dict, trace: dict, sample_every: int) -> None:
 
     r, t = record, record["time"]
     fluency = f"  fluent {r['fluency']:.2f}" if "fluency" in r else ""
+    second = f"vf {r['vf_loss']:.4f}" if "vf_loss" in r else f"klL {r['kl_loss']:.4f}" if "kl_loss" in r else "no vf"
     tqdm.write(
         f"step {r['step']:4d}  score {r['score']:+.3f}  kl {r['kl']:+.3f}  β {r['kl_coef']:.4f}{fluency}  "
-        f"ent {r['entropy']:.2f}  pg {r['pg_loss']:+.4f}  vf {r['vf_loss']:.4f}  clip {r['pg_clipfrac']:.3f}  "
+        f"ent {r['entropy']:.2f}  pg {r['pg_loss']:+.4f}  {second}  clip {r['pg_clipfrac']:.3f}  "
         f"| s: gen {t['rollout']:.2f} score {t['score']:.2f} fwd {t['forward']:.2f} upd {t['update']:.2f}"
     )
     if sample_every and r["step"] % sample_every == 0:

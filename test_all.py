@@ -26,6 +26,7 @@ import torch
 
 import checkpoint
 import gae
+import group_advantages
 import loading
 import logprobs
 import ppo_loss
@@ -35,13 +36,14 @@ import rewards
 import tiny
 import value_head
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
+from group_advantages import grpo_advantages, k3_kl_loss, rloo_advantages
 from logprobs import batched_forward_pass, entropy_from_logits, gather_logprobs
 from ppo_loss import ppo_loss as ppo_loss_fn
 from rewards import AdaptiveKLController, FixedKLController, kl_per_token, kl_shaped_rewards, score_from_labels
 from value_head import CausalLMWithValueHead
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONCEPT_FILES = ["value_head.py", "logprobs.py", "rewards.py", "gae.py", "ppo_loss.py"]
+CONCEPT_FILES = ["value_head.py", "logprobs.py", "rewards.py", "gae.py", "ppo_loss.py", "group_advantages.py"]
 slow = pytest.mark.slow
 
 
@@ -139,7 +141,7 @@ def public_functions(module):
                     yield f"{name}.{meth_name}", meth
 
 
-@pytest.mark.parametrize("module", [value_head, logprobs, rewards, gae, ppo_loss])
+@pytest.mark.parametrize("module", [value_head, logprobs, rewards, gae, ppo_loss, group_advantages])
 def test_docstring_args_match_signatures(module):
     """The names listed under Args: of each public function are exactly its parameters."""
     checked = 0
@@ -486,6 +488,84 @@ def test_explained_variance_hand_cases():
 
 
 # ---------------------------------------------------------------------------------------------
+# group_advantages.py
+# ---------------------------------------------------------------------------------------------
+
+
+def group_case(K=4, P=3, seed=0):
+    """P prompts × K ragged responses, per-token rewards, the K of a prompt in consecutive rows."""
+    torch.manual_seed(seed)
+    lengths = torch.randint(1, 7, (P * K,)).tolist()
+    mask = ragged_mask(lengths, 6)
+    rewards = torch.where(mask, torch.randn(P * K, 6, dtype=torch.float64), 0.0)
+    return rewards, mask, [float(r[m].sum()) for r, m in zip(rewards, mask)]
+
+
+def test_rloo_matches_a_slow_loop_and_sums_to_zero_per_group():
+    K = 4
+    rewards, mask, R = group_case(K)
+    adv, ret = rloo_advantages(rewards, mask, K)
+    for i in range(len(R)):
+        g = i // K * K
+        others = [R[j] for j in range(g, g + K) if j != i]
+        expected = R[i] - sum(others) / (K - 1)  # leave one out
+        assert torch.allclose(adv[i][mask[i]], torch.tensor(expected, dtype=torch.float64))
+        assert torch.allclose(ret[i][mask[i]], torch.tensor(R[i], dtype=torch.float64))
+    assert torch.equal(adv[~mask], torch.zeros((~mask).sum(), dtype=torch.float64))
+    per_group = adv[:, 0].view(-1, K).sum(1)  # A_i sits on every real token; column 0 is always real
+    assert per_group.abs().max() < 1e-12
+
+
+def test_grpo_matches_a_slow_loop_with_zero_mean_and_unit_std_per_group():
+    import statistics
+
+    K = 4
+    rewards, mask, R = group_case(K)
+    adv, _ = grpo_advantages(rewards, mask, K)
+    plain, _ = grpo_advantages(rewards, mask, K, scale_by_std=False)  # Dr. GRPO
+    for i in range(len(R)):
+        group = R[i // K * K : i // K * K + K]
+        mean, std = statistics.mean(group), statistics.stdev(group)  # stdev: N − 1, as the docstring says
+        assert torch.allclose(adv[i][mask[i]], torch.tensor((R[i] - mean) / (std + 1e-6), dtype=torch.float64))
+        assert torch.allclose(plain[i][mask[i]], torch.tensor(R[i] - mean, dtype=torch.float64))
+    A = adv[:, 0].view(-1, K)
+    assert A.mean(1).abs().max() < 1e-12 and (A.std(1) - 1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("estimator", [rloo_advantages, grpo_advantages])
+def test_a_group_of_equal_rewards_gets_zero_advantage_without_nan(estimator):
+    mask = ragged_mask([3, 1, 2, 3, 2, 1], 3)
+    rewards = torch.zeros(6, 3)
+    rewards[range(6), [2, 0, 1, 2, 1, 0]] = 0.7  # every response scores 0.7 on its last token
+    adv, _ = estimator(rewards, mask, 3)
+    assert torch.equal(adv, torch.zeros(6, 3))  # exactly: groups are shifted by their first reward
+    for value in (0.1, 1 / 3, 2.1, -7.3):  # values whose plain mean of 3 copies rounds, in float32
+        R = torch.full((3, 1), value)
+        assert torch.equal(estimator(R, torch.ones(3, 1, dtype=torch.bool), 3)[0], torch.zeros(3, 1))
+
+
+def test_group_estimators_refuse_groups_that_do_not_fit():
+    rewards, mask = torch.zeros(6, 2), torch.ones(6, 2, dtype=torch.bool)
+    for K in (1, 4):  # K = 1 has no others to compare with; 6 rows are not groups of 4
+        with pytest.raises(ValueError, match="groups of"):
+            rloo_advantages(rewards, mask, K)
+
+
+def test_k3_kl_loss_is_zero_when_policy_is_reference_and_positive_otherwise():
+    lp = -torch.rand(3, 4)
+    mask = ragged_mask([4, 2, 3], 4)
+    assert k3_kl_loss(lp, lp.clone(), mask).item() == 0.0  # exp(0) − 0 − 1, the same numbers
+    ref = lp + 0.5 * torch.randn(3, 4)
+    ref[~mask] = float("nan")  # padding is never read
+    d = (ref - lp)[mask]
+    expected = (d.exp() - d - 1).mean()  # hand formula: ρ/π − log ρ/π − 1
+    loss = k3_kl_loss(lp.requires_grad_(), ref, mask)
+    assert loss.item() > 0 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert torch.equal(lp.grad[~mask], torch.zeros((~mask).sum()))
+
+
+# ---------------------------------------------------------------------------------------------
 # ppo_loss.py
 # ---------------------------------------------------------------------------------------------
 
@@ -818,6 +898,21 @@ def test_kl_penalty_keeps_the_text_fluent_and_without_it_the_reward_is_gamed(tmp
 TINY_MIN_GAIN = 0.4
 
 
+@slow
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_learn_and_keep_the_text_fluent(tmp_path, estimator):
+    """--tiny with RLOO or GRPO (K = 4, the same 32 episodes per step): the score rises as with
+    GAE, the KL penalty keeps the text fluent, and the value head is never trained."""
+    history = ppo_rlhf.main(ppo_rlhf.tiny_config(advantage_estimator=estimator, output_dir=str(tmp_path),
+                                                 sample_every=0, eval_prompts=0))  # fmt: skip
+    gain = sum(r["score"] for r in history[-5:]) / 5 - sum(r["score"] for r in history[:5]) / 5
+    fluency = sum(r["fluency"] for r in history[-5:]) / 5
+    assert gain > TINY_MIN_GAIN and fluency >= 0.7, (gain, fluency)
+    assert all("vf_loss" not in r for r in history) and ("kl_loss" in history[0]) == (estimator == "grpo")
+    head = CausalLMWithValueHead.from_pretrained(str(tmp_path), __import__("transformers").AutoModelForCausalLM)
+    assert torch.equal(head.v_head.weight, torch.zeros_like(head.v_head.weight))  # still its zero init
+
+
 # ---------------------------------------------------------------------------------------------
 # Robustness: one-line errors, faults, Ctrl-C and exact resume
 # ---------------------------------------------------------------------------------------------
@@ -867,6 +962,92 @@ def test_bad_input_is_one_line_naming_the_fix(world, tmp_path, capsys, extra, ex
     code, err = run_cli(local_args(world, tmp_path / "out", *extra), capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert expected in err[0], err[0]
+
+
+REWARD_FN_FILE = """
+import math
+
+def positive_words(texts):
+    good = {"good", "great", "wonderful", "brilliant", "superb", "excellent"}
+    return [float(sum(w in good for w in t.split())) for t in texts]
+
+def one_short(texts):
+    return [0.0] * (len(texts) - 1)
+
+def not_finite(texts):
+    return [math.nan] + [0.0] * (len(texts) - 1)
+
+def raises(texts):
+    raise RuntimeError("the judge is down")
+"""
+
+
+@pytest.fixture()
+def reward_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARD_FN_FILE)
+    return str(path)
+
+
+@slow
+def test_reward_fn_end_to_end(tmp_path, reward_file):
+    """--reward-fn path.py:name replaces the classifier: the scores are the function's."""
+    history = ppo_rlhf.main(ppo_rlhf.tiny_config(reward_fn=f"{reward_file}:positive_words", steps=3, eval_prompts=4,
+                                                 sample_every=0, output_dir=str(tmp_path / "run")))  # fmt: skip
+    assert len(history) == 3 and all(r["score"] >= 0 for r in history)
+    scores = re.findall(r"\| ([+-]\d+\.\d\d) \| ([+-]\d+\.\d\d) \|", open(tmp_path / "run" / "samples.md").read())
+    assert scores and all(float(x) == int(float(x)) for row in scores for x in row)  # counts of words
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("no_such_function", "has no function 'no_such_function'"),
+        ("one_short", "returned 3 values for 4 texts: it must return one float per text"),
+        ("not_finite", "returned nan for text 0"),
+        ("raises", "failed (RuntimeError: the judge is down); it must take a list of texts"),
+    ],
+)
+def test_reward_fn_errors_are_one_line(reward_file, name, expected):
+    import errors
+
+    with pytest.raises(errors.ConfigError, match=re.escape(expected)):
+        loading.load_reward_fn(f"{reward_file}:{name}")(["a", "b", "c", "d"])
+
+
+def test_reward_fn_bad_names_and_group_settings_are_one_line(tmp_path, capsys, reward_file):
+    # each is refused before the --tiny world is built or loaded
+    cases = [
+        (["--reward-fn", "no/such/file.py:f"], "--reward-fn no/such/file.py:f: there is no file no/such/file.py"),
+        (["--reward-fn", "no_such_module_xyz:f"], "importing no_such_module_xyz failed (ModuleNotFoundError"),
+        (["--reward-fn", reward_file], "write it as path/to/file.py:function or module:function"),
+        (["--advantage-estimator", "rloo", "--group-size", "1"], "--group-size must be at least 2"),
+        (["--advantage-estimator", "grpo", "--group-size", "3"], "--batch-size 32 is not a multiple of --group-size 3"),
+        (["--advantage-estimator", "ppo"], "choose one of gae, rloo, grpo"),
+    ]
+    for extra, expected in cases:
+        code, err = run_cli(["--tiny", "--output-dir", str(tmp_path), *extra], capsys)
+        assert code == 2 and len(err) == 1 and expected in err[0], (extra, err)
+
+
+def test_a_reward_fn_failing_mid_run_keeps_what_was_saved(tmp_path, reward_file, capsys):
+    """A --reward-fn that returns garbage at step 2 stops the run in one line; step 1's checkpoint stays."""
+    calls = tmp_path / "calls"
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text(f"""
+import pathlib
+def score(texts):
+    p = pathlib.Path({str(calls)!r})
+    n = len(p.read_text()) if p.exists() else 0
+    p.write_text("x" * (n + 1))
+    return [1.0] * len(texts) if n == 0 else [1.0]
+""")
+    code, err = run_cli(["--tiny", "--reward-fn", f"{flaky}:score", "--steps", "3", "--save-every", "1",
+                         "--eval-prompts", "0", "--output-dir", str(tmp_path / "run")], capsys)  # fmt: skip
+    lines = [line for line in err if line.startswith("error")]  # the progress bar shares stderr
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: step 2: --reward-fn"), err
+    assert "the checkpoint of step 1 on disk is untouched" in lines[0] and "Traceback" not in "\n".join(err)
+    assert checkpoint.load_trainer_state(str(tmp_path / "run"))["step"] == 1
 
 
 def test_unwritable_output_folder_and_missing_checkpoint(tmp_path, capsys):
@@ -1207,7 +1388,10 @@ def test_torchrun_two_processes_train_one_model(tmp_path):
 def test_resume_with_another_number_of_processes_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     ppo_rlhf.main(ppo_rlhf.tiny_config(steps=1, output_dir=str(out), eval_prompts=0, sample_every=0))
-    edit_manifest(out, lambda m: m.update(world_size=2, rng=m["rng"] * 2))  # as if two processes had saved it
+    state = torch.load(out / checkpoint.TRAINER_STATE, weights_only=True)  # as if two processes had saved it:
+    torch.save({**state, "torch_rng": state["torch_rng"] * 2}, out / checkpoint.TRAINER_STATE)  # a state per rank
+    rehash(out, checkpoint.TRAINER_STATE)
+    edit_manifest(out, lambda m: m.update(world_size=2, rng=m["rng"] * 2))
     capsys.readouterr()  # the first run's output
     code, err = run_cli(["--resume", str(out)], capsys)
     assert code == 2 and len(err) == 1 and "saved by 2 process(es), this is 1" in err[0] and "torchrun" in err[0]
