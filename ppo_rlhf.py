@@ -228,9 +228,9 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            stats.update(pg_loss=pg_loss.item(), loss=loss.item(), **(dict(vf_loss=vf_loss.item()) if critic else {}))
-            if not critic:
-                del stats["vf_clipfrac"]
+            stats.update(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), loss=loss.item())
+            if not critic:  # the value loss took no part: its stats would describe nothing
+                del stats["vf_loss"], stats["vf_clipfrac"]
             if minibatch_log is not None:
                 minibatch_log.append(dict(epoch=epoch, idx=idx, logprobs=logprobs.detach(), vpred=vpred.detach(), **stats))
             totals, n = {k: totals.get(k, 0.0) + v for k, v in stats.items()}, n + 1

@@ -248,6 +248,14 @@ def draw_curves(runs, title: str = "", kl_target=None):
     return fig
 
 
+def _label(run_dir: str) -> str:
+    """A run's name on a plot: its folder, and its advantage estimator when its checkpoint says."""
+    try:
+        return f"{os.path.normpath(run_dir)} ({read_manifest(run_dir)['config'].get('advantage_estimator', 'gae')})"
+    except ConfigError:
+        return os.path.normpath(run_dir)
+
+
 def plot_curves(output_dir: str, kl_target=None, others=(), path=""):
     """Draw `<output_dir>/curves.png` from `<output_dir>/log.jsonl` (overlaying the runs in
     `others`, if any, into `path`); return its path, or None (with one line of advice) when
@@ -258,8 +266,8 @@ def plot_curves(output_dir: str, kl_target=None, others=(), path=""):
         print("curves.png not drawn: matplotlib is not installed (pip install matplotlib)")
         return None
     dirs = [output_dir, *others]
-    runs = {os.path.normpath(d): read_log(os.path.join(d, "log.jsonl")) for d in dirs}
-    fig = draw_curves(runs if others else runs[os.path.normpath(output_dir)], f"PPO run: {', '.join(runs)}", kl_target)
+    runs = {_label(d): read_log(os.path.join(d, "log.jsonl")) for d in dirs}
+    fig = draw_curves(runs if others else runs[_label(output_dir)], f"PPO run: {', '.join(runs)}", kl_target)
     path = path or os.path.join(output_dir, "curves.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1030,6 +1030,7 @@ def test_reward_fn_bad_names_and_group_settings_are_one_line(tmp_path, capsys, r
         assert code == 2 and len(err) == 1 and expected in err[0], (extra, err)
 
 
+@slow
 def test_a_reward_fn_failing_mid_run_keeps_what_was_saved(tmp_path, reward_file, capsys):
     """A --reward-fn that returns garbage at step 2 stops the run in one line; step 1's checkpoint stays."""
     calls = tmp_path / "calls"
@@ -1202,7 +1203,7 @@ class Planted:
         return (exec, (f"open({self.path!r}, 'w').write('code ran')",))
 
 
-def test_a_planted_pickle_never_runs(world, tmp_path, capsys):
+def test_a_planted_pickle_never_runs(tmp_path, capsys):
     """A shared run folder whose trainer_state.pt or value_head.pt unpickles into code (and whose
     trainer_state.json vouches for it): --resume, report.py and the NaN message refuse or ignore
     it, and the code never runs."""
@@ -1217,11 +1218,17 @@ def test_a_planted_pickle_never_runs(world, tmp_path, capsys):
 
     for planted in (checkpoint.TRAINER_STATE, value_head.VALUE_HEAD_FILE):
         run = tmp_path / planted.replace(".", "_")
-        save_small_checkpoint(run)
+        cfg = save_small_checkpoint(run)
         torch.save({"optimizer": Planted(canary), "weight": Planted(canary)}, run / planted)
         rehash(run, planted)
-        code, err = run_cli(["--resume", str(run)], capsys)
-        assert code == 2 and len(err) == 1 and str(run) in err[0], err
+        if planted == checkpoint.TRAINER_STATE:  # --resume checks it before loading anything
+            code, err = run_cli(["--resume", str(run)], capsys)
+            assert code == 2 and len(err) == 1 and str(run) in err[0], err
+        else:  # --resume loads the weights and value_head.pt with restore_state
+            policy = CausalLMWithValueHead(random_gpt2())
+            _, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, cfg)
+            with pytest.raises(ppo_rlhf.RunError, match="the saved policy can't be loaded"):
+                checkpoint.restore_state(str(run), policy, optimizer, kl_ctl, torch.Generator())
         assert "step 3" in checkpoint.what_is_on_disk(str(run))
         proc = subprocess.run([sys.executable, os.path.join(HERE, "report.py"), str(run)], capture_output=True,
                               text=True, cwd=tmp_path)  # fmt: skip
