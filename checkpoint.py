@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import distributed
-from errors import ConfigError
+from errors import ConfigError, first_line
 from value_head import CausalLMWithValueHead
 
 TRAINER_STATE = "trainer_state.pt"
@@ -141,7 +141,7 @@ def read_manifest(directory: str) -> dict:
         kinds = dict(format=int, step=int, config=dict, kl_coef=(int, float), world_size=int, rng=list, files=dict)
         wrong = [k for k, kind in kinds.items() if not isinstance(manifest.get(k), kind)]
     except (OSError, ValueError, AttributeError) as e:
-        wrong = [f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"]
+        wrong = [f"{type(e).__name__}: {first_line(e, 80)}"]
     if wrong or manifest["format"] != FORMAT:
         what = f"format {manifest['format']}, this code reads {FORMAT}" if not wrong else f"bad: {', '.join(wrong)}"
         raise ConfigError(f"{path} is not a checkpoint this code can read ({what}): start a new run")
@@ -175,7 +175,7 @@ def load_trainer_state(directory: str) -> dict:
             isinstance(state.get("torch_rng"), list) and len(state["torch_rng"]) == len(manifest["rng"])  # fmt: skip
         reason = "" if ok else "it does not hold the optimizer, random states and data order"
     except Exception as e:  # a truncated file, or one with python objects inside
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
+        reason = f"{type(e).__name__}: {first_line(e, 100)}"
     if reason:
         raise ConfigError(f"{path} can't be read as a checkpoint ({reason}): start a new run")
     return {**manifest, **state}
@@ -196,17 +196,16 @@ def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
     """Load a checkpoint's weights, optimizer, β and random states; return (step, data order)."""
     from transformers import AutoModelForCausalLM
 
-    saved_world = read_manifest(directory)["world_size"]
-    if saved_world != distributed.world_size():
-        raise ConfigError(f"--resume {directory}: the run was saved by {saved_world} process(es), this "
-                          f"is {distributed.world_size()}: resume with the same number (torchrun --nproc_per_node)")
     state = load_trainer_state(directory)
+    if state["world_size"] != distributed.world_size():
+        raise ConfigError(f"--resume {directory}: the run was saved by {state['world_size']} process(es), this "
+                          f"is {distributed.world_size()}: resume with the same number (torchrun --nproc_per_node)")
     try:  # safetensors, and value_head.pt through weights_only: no code runs either way
         saved = CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM)
         policy.load_state_dict(saved.state_dict())
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:100]
-        raise ConfigError(f"{directory}: the saved policy can't be loaded ({type(e).__name__}: {first})") from None
+        why = f"{type(e).__name__}: {first_line(e, 100)}"
+        raise ConfigError(f"{directory}: the saved policy can't be loaded ({why})") from None
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.value = state["kl_coef"]
     _set_random_states(state["rng"][distributed.rank()], state["torch_rng"][distributed.rank()])

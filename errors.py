@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from rewards import KL_KINDS
+
 
 class RunError(Exception):
     """A stop the user can act on; exit status 1."""
@@ -27,6 +29,11 @@ class NonFiniteError(RunError):
     exit_code = 3
 
 
+def first_line(e: Exception, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to `limit` characters: enough to act on."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
 @contextlib.contextmanager
 def load_errors_as_config_error(what: str, name: str):
     """Turn any library error while loading `name` (a model, a dataset) into one ConfigError line."""
@@ -35,9 +42,8 @@ def load_errors_as_config_error(what: str, name: str):
     except RunError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
         raise ConfigError(
-            f"could not load {what} {name!r} ({type(e).__name__}: {first}). Check the name; with no "
+            f"could not load {what} {name!r} ({type(e).__name__}: {first_line(e)}). Check the name; with no "
             "network use --tiny, or local folders: --model DIR --reward-model DIR --dataset FILE"
         ) from None
 
@@ -62,8 +68,6 @@ def check_finite(mask: torch.Tensor, **tensors) -> None:
 def check_config(cfg, estimators) -> None:
     """Raise ConfigError, one line naming the fix, for a value of `cfg` (ppo_rlhf.Config) no run
     can use; `estimators` are the names --advantage-estimator accepts."""
-    from rewards import KL_KINDS
-
     defaults = type(cfg)()
     for name in ["query_min_len", "response_min_len", "batch_size", "mini_batch_size", "ppo_epochs", "lr",
                  "kl_target", "kl_horizon", "reward_batch_size"]:  # fmt: skip

@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 
-from errors import ConfigError, load_errors_as_config_error
+from errors import ConfigError, first_line, load_errors_as_config_error
 from rewards import AdaptiveKLController, FixedKLController, pipeline_scorer
 from value_head import CausalLMWithValueHead
 
@@ -110,7 +110,7 @@ def load_reward_fn(spec: str):
         else:
             module = importlib.import_module(where)
     except Exception as e:
-        why = f"{type(e).__name__}: {_first_line(e)}"
+        why = f"{type(e).__name__}: {first_line(e)}"
         raise ConfigError(f"--reward-fn {spec}: importing {where} failed ({why})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
@@ -120,7 +120,7 @@ def load_reward_fn(spec: str):
         try:
             values = [float(v) for v in fn(list(texts))]
         except Exception as e:
-            raise ConfigError(f"--reward-fn {spec} failed ({type(e).__name__}: {_first_line(e)}); it must take a "
+            raise ConfigError(f"--reward-fn {spec} failed ({type(e).__name__}: {first_line(e)}); it must take a "
                               "list of texts and return a list of floats") from None  # fmt: skip
         if len(values) != len(texts):
             raise ConfigError(f"--reward-fn {spec} returned {len(values)} values for {len(texts)} texts: "
@@ -132,10 +132,6 @@ def load_reward_fn(spec: str):
         return torch.tensor(values, dtype=torch.float32)  # (B,)
 
     return score_fn
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:160]
 
 
 def load_review_texts(dataset: str, split: str, text_column: str, min_chars: int) -> list:

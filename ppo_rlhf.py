@@ -103,7 +103,7 @@ class Config:
     save_every: int = _arg(0, "also save a checkpoint every N steps (0 = only at the end)")
     sample_every: int = _arg(10, "print a few decoded samples every N steps (0 = never)")
     eval_prompts: int = _arg(64, "held-out prompts answered by reference and trained policy at the end")
-    explain: bool = _arg(False, "run one PPO step on 4 prompts and print every tensor of every phase")
+    explain: bool = _arg(False, "run one PPO step on 4 prompts (2 × K for rloo and grpo), print every tensor")
     resume: str = _arg("", "continue the run saved in this output folder from its last checkpoint")
 
     @property

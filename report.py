@@ -19,6 +19,7 @@ import torch
 
 from checkpoint import read_log, read_manifest
 from errors import ConfigError
+from group_advantages import sequence_rewards
 
 WIDTH = 100
 
@@ -87,13 +88,13 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
         _show("returns", trace["returns"], "A + V (raw A): the value head's target", rm)
     else:
         _phase(5, f"group advantages ({estimator}, no critic)", f"group_advantages.{estimator}_advantages")
-        R = trace["returns"][:, 0]  # R_i sits on every real token; the first is always real
+        R = sequence_rewards(trace["rewards"], rm)  # (B,)
         groups = R.view(-1, K)
         print(f"each run of K = {K} consecutive rows holds the responses to one prompt")
         _show("R (groups, K)", groups, "each response's reward: the sum of its rewards row")
         if estimator == "rloo":
-            baseline = (groups.sum(1, keepdim=True) - groups) / (K - 1)
-            _show("baseline", baseline, "mean R of the other K−1 responses to the same prompt")
+            baseline = groups - trace["advantages"][:, 0].view(-1, K)  # R − A, from the loop's own A
+            _show("baseline", baseline, "R − A: the mean R of the other K−1 responses to the same prompt")
         else:
             print("group mean " + "  ".join(f"{m:+.3f}" for m in groups.mean(1).tolist()))
             print("group std  " + "  ".join(f"{v:.3f}" for v in groups.std(1).tolist()))
