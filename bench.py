@@ -85,7 +85,7 @@ def build(shape: str, device, cfg, attn: str = ""):
             DistilBertConfig(vocab_size=50257, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
         )
         pipe = pipeline("text-classification", model=classifier, tokenizer=tokenizer, device=device)
-    score_fn = pipeline_scorer(pipe, "POSITIVE", cfg.reward_batch_size)  # the training run's reward path
+    score_fn = pipeline_scorer(pipe, "POSITIVE", loading.reward_batch_size(cfg.reward_batch_size, device))  # the training run's reward path
     if attn:
         policy.lm.set_attn_implementation(attn)
     cls_blocks = sum(p.numel() for p in pipe.model.distilbert.transformer.parameters())
@@ -179,13 +179,13 @@ def main(argv=None) -> dict:
                              flops=iteration_flops(policy.lm, cls_blocks, trace, cfg.ppo_epochs)))  # fmt: skip
 
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    peak = matmul_peak(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    if device.type == "cuda":
+    if device.type == "cuda":  # read before the matmul probe below, whose 4096² matrices are not PPO's
         memory_gb = torch.cuda.max_memory_allocated(device) / 2**30
         device_name = torch.cuda.get_device_name(device)
     else:
         memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
         device_name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    peak = matmul_peak(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     result = {
         "shape": args.shape, "advantage_estimator": cfg.advantage_estimator, "group_size": cfg.responses_per_prompt,
         "batch_size": cfg.batch_size, "mini_batch_size": cfg.mini_batch_size,

@@ -5,8 +5,8 @@ A checkpoint is the output folder itself:
     config.json, model.safetensors,     the policy, as Hugging Face saves it: loads with
     tokenizer files                     `AutoModelForCausalLM.from_pretrained(dir)`
     value_head.pt                       the value head's weights (tensors only)
-    trainer_state.pt                    tensors only: Adam's state, torch's random states, the
-                                        data order
+    trainer_state.pt                    tensors only: Adam's state, torch's random states (the
+                                        CPU's and the run's device's), the data order
     trainer_state.json                  the rest, as JSON: format, step, config, β, world size,
                                         python's and numpy's random states; and the SHA-256 of
                                         every file above
@@ -78,25 +78,30 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _random_states():
-    """This process's random states: (JSON-able python and numpy states, tensor states)."""
+def _random_states(device):
+    """This process's random states: (JSON-able python and numpy states, tensor states). Of the
+    accelerators, only the run's own device: a run saved on 8 GPUs must resume on 1, or on a CPU."""
     version, internal, gauss = random.getstate()
     _, key, pos, has_gauss, cached = np.random.get_state()
-    plain = dict(python=[version, list(internal), gauss], numpy=[key.tolist(), pos, has_gauss, cached])
+    plain = dict(python=[version, list(internal), gauss], numpy=[key.tolist(), pos, has_gauss, cached],
+                 device=device.type)  # fmt: skip
     tensors = dict(torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type != "cpu":
+        tensors["device"] = torch.get_device_module(device.type).get_rng_state(device)
     return plain, tensors
 
 
-def _set_random_states(plain: dict, tensors: dict) -> None:
+def _set_random_states(plain: dict, tensors: dict, device) -> None:
+    """Restore what `_random_states` kept. The device's stream only on a device of the same kind
+    (cuda to cuda: the resumed run samples exactly as the uninterrupted one); across kinds (cuda
+    to cpu, cpu to cuda) the run goes on with the device's stream as it is, which is as correct."""
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
     key, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state(("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensors["cuda"])
+    if "device" in tensors and plain.get("device") == device.type:
+        torch.get_device_module(device.type).set_rng_state(tensors["device"], device)
 
 
 def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt_rng, order) -> None:
@@ -105,7 +110,8 @@ def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt
     Under torchrun every rank's random states are kept (each samples its own responses) and
     rank 0 writes. See the module docstring for the files and the order they are moved in.
     """
-    plain, tensors = zip(*distributed.gather(_random_states()))  # one of each per rank
+    device = next(policy.parameters()).device
+    plain, tensors = zip(*distributed.gather(_random_states(device)))  # one of each per rank
     if distributed.rank() != 0:
         return
     scratch = os.path.join(cfg.output_dir, SCRATCH)
@@ -186,10 +192,12 @@ def resume_config(cfg):
     checkpoint is checked here, before anything is loaded: a bad one costs no time."""
     saved = load_trainer_state(cfg.resume)["config"]
     defaults = type(cfg)()
-    ignored = sorted(k for k, v in dataclasses.asdict(cfg).items() if k != "resume" and v != getattr(defaults, k))
+    given = {k for k, v in dataclasses.asdict(cfg).items() if v != getattr(defaults, k)}
+    ignored = sorted(given - {"resume", "device"})
     if ignored:
         print(f"--resume continues with the run's saved config; ignoring: {', '.join(ignored)}")
-    return type(cfg)(**{**saved, "resume": cfg.resume, "output_dir": cfg.resume})
+    device = {"device": cfg.device} if "device" in given else {}  # the run may move: cuda → cpu, or back
+    return type(cfg)(**{**saved, **device, "resume": cfg.resume, "output_dir": cfg.resume})
 
 
 def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
@@ -208,7 +216,8 @@ def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
         raise ConfigError(f"{directory}: the saved policy can't be loaded ({why})") from None
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.value = state["kl_coef"]
-    _set_random_states(state["rng"][distributed.rank()], state["torch_rng"][distributed.rank()])
+    device = next(policy.parameters()).device
+    _set_random_states(state["rng"][distributed.rank()], state["torch_rng"][distributed.rank()], device)
     prompt_rng.set_state(state["prompt_rng"])
     return state["step"], state["order"]
 

@@ -55,11 +55,17 @@ def setup(cfg) -> str:
                           "per prompt: each rank samples whole groups")  # fmt: skip
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
+        gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if per_node > gpus:
+            raise ConfigError(f"{per_node} processes per node but this machine has {gpus} CUDA GPU(s): one process "
+                              f"per GPU, so torchrun --nproc_per_node {gpus} (or --device cpu)")  # fmt: skip
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device_name = f"cuda:{local}"
-    else:
+    elif device_name in ("auto", "cpu"):
         device_name = "cpu"
+    else:
+        raise ConfigError(f"--device {device_name} under torchrun: processes run on cuda (NCCL) or cpu (gloo)")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if rank() != 0:

@@ -19,24 +19,70 @@ from rewards import AdaptiveKLController, FixedKLController, pipeline_scorer
 from value_head import CausalLMWithValueHead
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # mps: Apple-silicon GPUs, written for but untested here
+
+
 def resolve_device(name: str, dtype: str = "fp32") -> torch.device:
-    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch.device, or one ConfigError line."""
+    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps` as a torch.device, or one ConfigError line."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in DEVICE_TYPES:
+        raise ConfigError(f"--device {name}: this code runs on cpu, cuda or mps, not on {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
     n = torch.cuda.device_count()
     if device.type == "cuda" and (device.index or 0) >= n:
         raise ConfigError(f"--device {name}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: this machine has no Apple-silicon GPU (MPS); use --device cpu")
     if device.type == "cpu" and dtype == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # Measured on an AVX2-only CPU: a bf16 matmul took 130× as long as the fp32 one.
         raise ConfigError("--dtype bf16: this CPU has no bf16 matrix instructions, so bf16 would run "
                           "about 100× slower than fp32 here; use --dtype fp32")  # fmt: skip
     return device
+
+
+def fork_rng(device):
+    """A block whose random draws leave torch's streams (the CPU's and `device`'s) as they were."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+def offline_if_hub_unreachable(*names, timeout: float = 3.0) -> None:
+    """With no connection to the Hugging Face Hub, put its client in offline mode before loading.
+
+    Offline, a name that is in the local cache still loads, and one that is not fails at once
+    (one ConfigError line) instead of after ~50 s of the client's retries. Local paths need no
+    Hub; behind a proxy the client is left to find its own way.
+    """
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if constants.HF_HUB_OFFLINE or all(os.path.exists(n) for n in names) or any(map(os.environ.get, proxies)):
+        return
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        import datasets
+
+        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # and for any process started from this one
+        print(f"no connection to {url.hostname}: loading from the local Hugging Face cache only")
+
+
+def reward_batch_size(requested: int, device) -> int:
+    """Texts per classifier call: `requested`, or for 0 the whole default batch on a GPU (one
+    call, not 8) and 16 on a CPU, where larger batches only add padding."""
+    return requested or (16 if device.type == "cpu" else 128)
 
 
 def seed_everything(seed: int) -> None:

@@ -64,20 +64,24 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)  # (...)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Entropy of the next-token distribution at each position, in nats.
 
     H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v.
 
     Args:
         logits: (..., V).
+        chunk: positions at a time, so the softmax's temporaries stay (chunk, V), not (..., V).
 
     Returns:
         entropy: (...), fp32.
     """
-    logits = logits.float()  # (..., V)
-    probs = torch.softmax(logits, dim=-1)  # (..., V)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)  # (...)
+    flat = logits.reshape(-1, logits.shape[-1])  # (P, V), P = positions
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)  # (P,)
+    for i in range(0, flat.shape[0], chunk):  # in chunks: a (P, V) fp32 copy at GPT-2's V is large
+        z = flat[i : i + chunk].float()  # (c, V)
+        out[i : i + chunk] = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)  # (c,)
+    return out.view(logits.shape[:-1])  # (...)
 
 
 def batched_forward_pass(
@@ -107,20 +111,22 @@ def batched_forward_pass(
         logits: (B, T, V) fp32, 0 at padding; None unless `return_logits`.
     """
     B, T = response_ids.shape
+    # Every shape that depends on the data is found here, before the model runs: on a GPU each
+    # one makes the host wait for the device, and waiting before the model call costs nothing.
     ids = torch.cat([query_ids, response_ids], dim=1)  # (B, L)
     real = torch.cat([query_mask, response_mask], dim=1).bool()  # (B, L)
     is_response = torch.cat([torch.zeros_like(query_mask, dtype=torch.bool), response_mask.bool()], dim=1)  # (B, L)
     packed_ids = ids[real].unsqueeze(0)  # (1, N), row by row
     position_ids = (real.long().cumsum(dim=1) - 1)[real].unsqueeze(0)  # (1, N), 0 at each query start
     keep = is_response[real].nonzero().squeeze(1) - 1  # (K,) the position before each response token
+    slots = response_mask.flatten().nonzero().squeeze(1)  # (K,) where each kept output goes in (B·T)
+    targets = response_ids.flatten()[slots]  # (K,) the response tokens, same row-major order
 
     logits, values = model(packed_ids, position_ids, keep=keep)  # (K, V), (K,)
-    logprobs = gather_logprobs(logits, response_ids[response_mask.bool()])  # (K,) same row-major order
+    logprobs = gather_logprobs(logits, targets)  # (K,)
 
     def unpack(x):  # (K, ...) → (B, T, ...), 0 at padding
-        out = x.new_zeros((B, T) + x.shape[1:])
-        out[response_mask.bool()] = x
-        return out
+        return x.new_zeros((B * T,) + x.shape[1:]).index_copy(0, slots, x).view((B, T) + x.shape[1:])
 
     return unpack(logprobs), unpack(values), (unpack(logits) if return_logits else None)
 

@@ -68,8 +68,9 @@ def ppo_loss(
     Returns:
         pg_loss: scalar policy loss.
         vf_loss: scalar value loss (with the ½, without vf_coef).
-        stats: dict of floats: pg_clipfrac, vf_clipfrac, approxkl, policykl, ratio_mean,
-            ratio_max.
+        stats: dict of detached 0-dim tensors: pg_clipfrac, vf_clipfrac, approxkl, policykl,
+            ratio_mean, ratio_max. Tensors, not floats: on a GPU each `.item()` makes the host
+            wait for the device, so the caller turns them into floats all at once.
     """
     mask = response_mask.bool()
     # Padded columns may hold anything: zero them before exp so no inf/NaN reaches a gradient.
@@ -86,11 +87,11 @@ def ppo_loss(
 
     with torch.no_grad():
         stats = {
-            "pg_clipfrac": _masked_mean((pg_losses_clipped > pg_losses).float(), mask).item(),
-            "vf_clipfrac": _masked_mean((vf_losses_clipped > vf_losses).float(), mask).item(),
-            "approxkl": 0.5 * _masked_mean(log_ratio.square(), mask).item(),
-            "policykl": _masked_mean(-log_ratio, mask).item(),
-            "ratio_mean": _masked_mean(ratio, mask).item(),
-            "ratio_max": ratio.masked_fill(~mask, float("-inf")).max().item(),
+            "pg_clipfrac": _masked_mean((pg_losses_clipped > pg_losses).float(), mask),
+            "vf_clipfrac": _masked_mean((vf_losses_clipped > vf_losses).float(), mask),
+            "approxkl": 0.5 * _masked_mean(log_ratio.square(), mask),
+            "policykl": _masked_mean(-log_ratio, mask),
+            "ratio_mean": _masked_mean(ratio, mask),
+            "ratio_max": ratio.masked_fill(~mask, float("-inf")).max(),
         }
     return pg_loss, vf_loss, stats

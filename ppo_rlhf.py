@@ -29,6 +29,7 @@ Ouyang et al. 2022 (InstructGPT); [3] TRL v0.11's gpt2-sentiment example, whose 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ from errors import NonFiniteError, RunError, check_config, check_finite
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
 from group_advantages import grpo_advantages, k3_kl_loss, rloo_advantages
 from loading import left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn, make_autocast
-from loading import prepare_training, resolve_device, seed_everything
+from loading import fork_rng, offline_if_hub_unreachable, prepare_training, resolve_device, reward_batch_size
+from loading import seed_everything
 from logprobs import batched_forward_pass, entropy_from_logits
 from ppo_loss import ppo_loss
 from rewards import KL_KINDS, kl_shaped_rewards
@@ -98,7 +100,7 @@ class Config:
     seed: int = _arg(0, "seed for python, numpy and torch")
     device: str = _arg("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = _arg("fp32", "fp32, or bf16 autocast for the transformer (heads, log-probs and losses stay fp32)")
-    reward_batch_size: int = _arg(16, "texts per reward-model forward pass")
+    reward_batch_size: int = _arg(0, "texts per reward-model forward pass; 0 = 16 on a CPU, 128 on a GPU")
     output_dir: str = _arg("runs/ppo", "where log.jsonl, samples.md, curves.png and the checkpoint go")
     save_every: int = _arg(0, "also save a checkpoint every N steps (0 = only at the end)")
     sample_every: int = _arg(10, "print a few decoded samples every N steps (0 = never)")
@@ -131,8 +133,8 @@ def tiny_config(**overrides) -> Config:
 
 def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     """Phase 1: sample one response per query, all queries in one `generate` call; each row gets
-    its own length, drawn from [response_min_len, response_max_len]. Under --dtype bf16 generate
-    samples from bf16 logits; the ratio still starts at 1 (up to rounding: fp32 heads on both sides).
+    its own length, drawn from [response_min_len, response_max_len]. The LM head runs in fp32
+    here as in phase 3 (value_head.py), so under --dtype bf16 too the tokens are drawn from π_old.
 
     Returns: response_ids (B, T) right-padded; response_mask (B, T) bool.
     """
@@ -179,7 +181,8 @@ def cut_responses(generated: torch.Tensor, lengths: torch.Tensor, eos_id: int):
 
 def decode_texts(tokenizer, ids, mask) -> list:
     """Each row's real tokens as text, without padding or special tokens."""
-    return tokenizer.batch_decode([r[m].tolist() for r, m in zip(ids, mask.bool())], skip_special_tokens=True)
+    ids, mask = ids.cpu(), mask.bool().cpu()  # one copy from the device, not one per row
+    return tokenizer.batch_decode([r[m].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
 
 
 # ------------------------------------------------------------------------------ one PPO step
@@ -208,7 +211,8 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
     critic = cfg.advantage_estimator == "gae"
     totals, n = {}, 0
     for epoch in range(cfg.ppo_epochs):
-        for j, idx in enumerate(torch.randperm(B).split(cfg.mini_batch_size)):
+        order = torch.randperm(B).to(batch["response_ids"].device)  # indices where the tensors are: no copy per tensor
+        for j, idx in enumerate(order.split(cfg.mini_batch_size)):
             mb = {k: v[idx] for k, v in batch.items()}
             with autocast():
                 logprobs, vpred, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"],
@@ -219,16 +223,16 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
             )  # fmt: skip
             loss = pg_loss + cfg.vf_coef * vf_loss if critic else pg_loss
             if kl_loss_coef:  # GRPO
-                kl_loss = k3_kl_loss(logprobs, mb["ref_logprobs"], mb["response_mask"])
-                loss = loss + kl_loss_coef * kl_loss
-                stats["kl_loss"] = kl_loss.item()
-            if not torch.isfinite(loss):
+                stats["kl_loss"] = k3_kl_loss(logprobs, mb["ref_logprobs"], mb["response_mask"])
+                loss = loss + kl_loss_coef * stats["kl_loss"]
+            stats.update(pg_loss=pg_loss, vf_loss=vf_loss, loss=loss)
+            stats = dict(zip(stats, torch.stack([v.detach() for v in stats.values()]).tolist()))  # one sync
+            if not math.isfinite(stats["loss"]):  # before backward: NaN never reaches a gradient
                 raise NonFiniteError(f"non-finite loss in epoch {epoch + 1}, minibatch {j + 1} "
-                                     f"(pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
+                                     f"(pg_loss {stats['pg_loss']}, vf_loss {stats['vf_loss']})")  # fmt: skip
             loss.backward()
             optimizer.step()
-            stats.update(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), loss=loss.item())
+            optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
             if not critic:  # the value loss took no part: its stats would describe nothing
                 del stats["vf_loss"], stats["vf_clipfrac"]
             if minibatch_log is not None:
@@ -338,8 +342,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast):
     """B responses (strings) of `model`, policy or reference, to the held-out queries, and their B
     scores. The run's seed in a forked RNG: both models get the same lengths; training's is kept."""
-    devices = [query_ids.device] if query_ids.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with fork_rng(query_ids.device):
         torch.manual_seed(cfg.seed)
         response_ids, response_mask = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
     texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
@@ -365,11 +368,13 @@ def main(cfg: Config) -> list:
 
     with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
         model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
+    offline_if_hub_unreachable(model, dataset, *([] if cfg.reward_fn else [reward_model]))
     reward = f"the function {cfg.reward_fn}" if cfg.reward_fn else f"the reward model from {reward_model}"
     print(f"loading the policy from {model}, {reward}, prompts from {dataset}")
     policy, tokenizer = load_policy_and_tokenizer(model, device)
     ref_model, optimizer, kl_ctl = prepare_training(policy, cfg)
-    score_fn = score_fn or load_score_fn(reward_model, cfg.reward_label, cfg.reward_batch_size, device)
+    reward_batch = reward_batch_size(cfg.reward_batch_size, device)
+    score_fn = score_fn or load_score_fn(reward_model, cfg.reward_label, reward_batch, device)
     prompt_rng = torch.Generator().manual_seed(cfg.seed)  # query lengths and data order, alike on all ranks
     eval_queries, queries = load_queries(dataset, tokenizer, cfg, prompt_rng)  # held out, training
     n_eval = len(eval_queries) if rank == 0 else 0

@@ -47,6 +47,13 @@ CONCEPT_FILES = ["value_head.py", "logprobs.py", "rewards.py", "gae.py", "ppo_lo
 slow = pytest.mark.slow
 
 
+def cpu_tiny(**overrides):
+    """The --tiny config on the CPU. Tests that run the loop say so: on a GPU machine `auto` would
+    pick CUDA, whose kernels are neither the CPU's nor bit-for-bit repeatable. The tests that
+    mean CUDA say `device="cuda"` and are skipped without it."""
+    return ppo_rlhf.tiny_config(**{"device": "cpu", **overrides})
+
+
 def random_gpt2(vocab_size=300, seed=0):
     """A 2-layer GPT-2 with random weights: the concept tests need no trained model."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -320,6 +327,38 @@ def test_bf16_logprobs_stay_close_to_fp32_and_do_not_clip_on_rounding():
     assert ((ratio - 1).abs() > 0.2).sum() == 0  # nothing clipped by rounding
     rounded_ratio = torch.exp(gather_logprobs(new_logits.bfloat16(), r_ids) - rounded)
     assert ((rounded_ratio - 1).abs() > 0.2).float().mean() > 0.02  # bf16 logits clip a few percent
+
+
+def test_bf16_rollout_samples_from_the_pi_old_of_phase_3():
+    """Under bf16 autocast `generate` samples with the LM head in fp32, as phase 3 computes π_old:
+    at GPT-2's logit size (|z| ≈ 100, bf16 step 0.5) the two next-token distributions agree to
+    fp32 rounding. The library's own head, rounding the logits to bf16, is shown to fail."""
+    lm = random_gpt2(seed=0).eval()
+    with torch.no_grad():
+        lm.transformer.ln_f.weight.mul_(5.0)  # logits spread over a few units, as GPT-2's do
+        lm.transformer.ln_f.weight[0], lm.transformer.ln_f.bias[0] = 0.0, 10.0  # hidden[0] = 10
+        lm.transformer.wte.weight[:, 0] = -10.0  # tied head: every logit gets 10 · (−10) = −100
+    policy = CausalLMWithValueHead(lm)
+    policy.lm.generation_config = loading.pure_sampling(TOKENIZER)
+    q_ids, q_mask = loading.left_pad([[5, 6], [7, 8, 9, 10, 11, 12], [13], [20, 21, 22]] * 4, 0, "cpu")
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+
+    def kl_sampled_vs_pi_old(generate):
+        """Per-token KL(the distribution generate sampled from ‖ phase 3's π_old), on real tokens."""
+        with torch.no_grad(), bf16():
+            out = generate(input_ids=q_ids, attention_mask=q_mask.long(), max_new_tokens=8, output_logits=True,
+                           return_dict_in_generate=True)  # fmt: skip
+            r_ids, r_mask = ppo_rlhf.cut_responses(out.sequences[:, q_ids.shape[1] :], torch.full((16,), 8), 0)
+            _, _, logits = batched_forward_pass(policy, q_ids, q_mask, r_ids, r_mask, return_logits=True)
+        assert logits[r_mask].mean() < -95  # GPT-2-sized logits
+        sampled = torch.stack(out.logits, 1)[:, : r_ids.shape[1]].float().log_softmax(-1)  # (B, T, V)
+        pi_old = logits.log_softmax(-1)  # (B, T, V)
+        return (sampled.exp() * (sampled - pi_old)).sum(-1)[r_mask].mean().item()
+
+    torch.manual_seed(0)
+    assert kl_sampled_vs_pi_old(policy.generate) < 1e-4  # measured here: about 1e-8
+    torch.manual_seed(0)
+    assert kl_sampled_vs_pi_old(policy.lm.generate) > 1e-3  # the bf16 head: measured 5e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,7 +699,7 @@ def test_cut_responses_lengths_and_early_eos():
 
 
 def test_batched_rollout_gives_asked_lengths_and_masks():
-    cfg = ppo_rlhf.tiny_config(response_min_len=2, response_max_len=9)
+    cfg = cpu_tiny(response_min_len=2, response_max_len=9)
     policy = CausalLMWithValueHead(random_gpt2())
     policy.lm.generation_config = loading.pure_sampling(TOKENIZER)
     eos, V = TOKENIZER.eos_token_id, 300
@@ -775,7 +814,7 @@ def test_world_is_a_miniature_of_the_real_one():
 
 @slow
 def test_tiny_run_end_to_end(tmp_path):
-    history = ppo_rlhf.main(ppo_rlhf.tiny_config(steps=3, output_dir=str(tmp_path), sample_every=2, eval_prompts=6))
+    history = ppo_rlhf.main(cpu_tiny(steps=3, output_dir=str(tmp_path), sample_every=2, eval_prompts=6))
     lines = checkpoint.read_log(str(tmp_path / "log.jsonl"))
     assert [r["step"] for r in lines] == [1, 2, 3] and len(history) == 3
     keys = ("score", "score_std", "kl", "pg_loss", "vf_loss", "entropy", "explained_variance", "advantages_mean",
@@ -799,7 +838,7 @@ def test_curves_png_and_report_redraw(tmp_path):
 
     from matplotlib import image
 
-    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=3, output_dir=str(tmp_path), sample_every=0, eval_prompts=0))
+    ppo_rlhf.main(cpu_tiny(steps=3, output_dir=str(tmp_path), sample_every=0, eval_prompts=0))
     png = tmp_path / "curves.png"
     assert image.imread(str(png)).shape[0] > 100  # decodes as an image
     fig = report.draw_curves(checkpoint.read_log(str(tmp_path / "log.jsonl")), kl_target=6.0)
@@ -825,7 +864,7 @@ def test_without_matplotlib_a_run_says_how_to_get_curves(tmp_path, monkeypatch, 
 
 @slow
 def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
-    [record] = ppo_rlhf.main(ppo_rlhf.tiny_config(explain=True, output_dir=str(tmp_path)))
+    [record] = ppo_rlhf.main(cpu_tiny(explain=True, output_dir=str(tmp_path)))
     out = capsys.readouterr().out
     for needle in ["1. rollout", "2. score", "3. logprobs", "4. KL-shaped rewards", "5. GAE", "6. PPO epochs",
                    "7. adapt the KL coefficient", "query_ids (", "response_ids (", "scores (", "logprobs (",
@@ -834,7 +873,7 @@ def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
                    "β before:", "β after:"]:  # fmt: skip
         assert needle in out, needle
     assert max(len(line) for line in out.splitlines() if not line.startswith(("config:", "loading"))) <= 100
-    tr, cfg = record["trace"], ppo_rlhf.tiny_config()
+    tr, cfg = record["trace"], cpu_tiny()
     mask = tr["response_mask"]
     raw, returns = compute_gae(tr["rewards"], tr["values"], mask, cfg.gamma, cfg.lam)
     torch.testing.assert_close(raw, tr["raw_advantages"])
@@ -869,7 +908,7 @@ def test_explicit_local_folders_load_like_the_hub_names(tmp_path):
     cfg = ppo_rlhf.parse_args(
         ["--model", policy_dir, "--reward-model", reward_dir, "--dataset", csv_path, "--steps", "2",
          "--batch-size", "8", "--mini-batch-size", "4", "--min-review-chars", "0", "--eval-prompts", "0",
-         "--output-dir", str(out)]
+         "--device", "cpu", "--output-dir", str(out)]
     )  # fmt: skip
     history = ppo_rlhf.main(cfg)
     assert len(history) == 2 and all(math.isfinite(r["score"]) for r in history)
@@ -887,7 +926,7 @@ def test_kl_penalty_keeps_the_text_fluent_and_without_it_the_reward_is_gamed(tmp
     fluent; with it off the score rises as much or more, and fluency collapses."""
     runs = {}
     for name, extra in [("kl", {}), ("no_kl", dict(init_kl_coef=0.0, adaptive_kl=False))]:
-        history = ppo_rlhf.main(ppo_rlhf.tiny_config(seed=seed, output_dir=str(tmp_path / name), sample_every=0, **extra))
+        history = ppo_rlhf.main(cpu_tiny(seed=seed, output_dir=str(tmp_path / name), sample_every=0, **extra))
         last = history[-5:]
         runs[name] = dict(gain=sum(r["score"] for r in last) / 5 - sum(r["score"] for r in history[:5]) / 5,
                           fluency=sum(r["fluency"] for r in last) / 5)  # fmt: skip
@@ -903,7 +942,7 @@ TINY_MIN_GAIN = 0.4
 def test_critic_free_estimators_learn_and_keep_the_text_fluent(tmp_path, estimator):
     """--tiny with RLOO or GRPO (K = 4, the same 32 episodes per step): the score rises as with
     GAE, the KL penalty keeps the text fluent, and the value head is never trained."""
-    history = ppo_rlhf.main(ppo_rlhf.tiny_config(advantage_estimator=estimator, output_dir=str(tmp_path),
+    history = ppo_rlhf.main(cpu_tiny(advantage_estimator=estimator, output_dir=str(tmp_path),
                                                  sample_every=0, eval_prompts=0))  # fmt: skip
     gain = sum(r["score"] for r in history[-5:]) / 5 - sum(r["score"] for r in history[:5]) / 5
     fluency = sum(r["fluency"] for r in history[-5:]) / 5
@@ -933,7 +972,7 @@ def local_args(world, out, *extra):
     policy_dir, reward_dir, csv_path = world
     return ["--model", policy_dir, "--reward-model", reward_dir, "--dataset", csv_path, "--batch-size", "8",
             "--mini-batch-size", "4", "--steps", "1", "--min-review-chars", "0", "--eval-prompts", "0",
-            "--output-dir", str(out), *extra]  # fmt: skip
+            "--device", "cpu", "--output-dir", str(out), *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -951,7 +990,9 @@ def local_args(world, out, *extra):
         (["--response-min-len", "0"], "--response-min-len must be positive"),
         (["--cliprange", "-0.1"], "--cliprange must not be negative"),
         (["--kl-kind", "kl2"], "choose one of kl, abs, mse, full"),
-        (["--device", "gpu"], "use auto, cpu, cuda or cuda:N"),
+        (["--device", "gpu"], "use auto, cpu, cuda, cuda:N or mps"),
+        (["--device", "xpu"], "this code runs on cpu, cuda or mps, not on xpu"),
+        (["--device", "meta"], "this code runs on cpu, cuda or mps, not on meta"),
         (["--eval-prompts", "-1"], "--eval-prompts must not be negative"),
         (["--tiny"], "--tiny builds its own policy, reward model and prompts, so --model and --reward-model and "
                      "--dataset would be ignored: drop them, or drop --tiny"),
@@ -992,7 +1033,7 @@ def reward_file(tmp_path):
 @slow
 def test_reward_fn_end_to_end(tmp_path, reward_file):
     """--reward-fn path.py:name replaces the classifier: the scores are the function's."""
-    history = ppo_rlhf.main(ppo_rlhf.tiny_config(reward_fn=f"{reward_file}:positive_words", steps=3, eval_prompts=4,
+    history = ppo_rlhf.main(cpu_tiny(reward_fn=f"{reward_file}:positive_words", steps=3, eval_prompts=4,
                                                  sample_every=0, output_dir=str(tmp_path / "run")))  # fmt: skip
     assert len(history) == 3 and all(r["score"] >= 0 for r in history)
     scores = re.findall(r"\| ([+-]\d+\.\d\d) \| ([+-]\d+\.\d\d) \|", open(tmp_path / "run" / "samples.md").read())
@@ -1026,7 +1067,7 @@ def test_reward_fn_bad_names_and_group_settings_are_one_line(tmp_path, capsys, r
         (["--advantage-estimator", "ppo"], "choose one of gae, rloo, grpo"),
     ]
     for extra, expected in cases:
-        code, err = run_cli(["--tiny", "--output-dir", str(tmp_path), *extra], capsys)
+        code, err = run_cli(["--tiny", "--device", "cpu", "--output-dir", str(tmp_path), *extra], capsys)
         assert code == 2 and len(err) == 1 and expected in err[0], (extra, err)
 
 
@@ -1043,7 +1084,7 @@ def score(texts):
     p.write_text("x" * (n + 1))
     return [1.0] * len(texts) if n == 0 else [1.0]
 """)
-    code, err = run_cli(["--tiny", "--reward-fn", f"{flaky}:score", "--steps", "3", "--save-every", "1",
+    code, err = run_cli(["--tiny", "--device", "cpu", "--reward-fn", f"{flaky}:score", "--steps", "3", "--save-every", "1",
                          "--eval-prompts", "0", "--output-dir", str(tmp_path / "run")], capsys)  # fmt: skip
     lines = [line for line in err if line.startswith("error")]  # the progress bar shares stderr
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: step 2: --reward-fn"), err
@@ -1054,7 +1095,7 @@ def score(texts):
 def test_unwritable_output_folder_and_missing_checkpoint(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, err = run_cli(["--tiny", "--output-dir", str(blocker / "out")], capsys)
+    code, err = run_cli(["--tiny", "--device", "cpu", "--output-dir", str(blocker / "out")], capsys)
     assert code == 2 and len(err) == 1 and "can't be written" in err[0] and "choose another folder" in err[0]
     code, err = run_cli(["--resume", str(tmp_path)], capsys)
     assert code == 2 and len(err) == 1 and "no checkpoint there" in err[0]
@@ -1064,6 +1105,51 @@ def test_unwritable_output_folder_and_missing_checkpoint(tmp_path, capsys):
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     code, err = run_cli(["--tiny", "--device", "cuda", "--output-dir", str(tmp_path)], capsys)
     assert code == 2 and err == ["error: --device cuda: this machine has no CUDA GPU; use --device cpu"]
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple-silicon GPU")
+def test_mps_without_mps_is_a_clear_error(tmp_path, capsys):
+    code, err = run_cli(["--tiny", "--device", "mps", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and err == ["error: --device mps: this machine has no Apple-silicon GPU (MPS); use --device cpu"]
+
+
+def test_more_processes_than_gpus_is_one_line_naming_both(monkeypatch):
+    """`torchrun --nproc_per_node 4` on a 2-GPU machine, as `distributed.setup` sees it (the GPUs
+    are pretended, so the test runs anywhere): refused before `set_device` could fail."""
+    import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    for device in ("cuda", "auto"):
+        with pytest.raises(ppo_rlhf.RunError, match=r"^4 processes per node but this machine has 2 CUDA GPU\(s\)"
+                                                    r".*--nproc_per_node 2"):  # fmt: skip
+            distributed.setup(cpu_tiny(device=device))
+    with pytest.raises(ppo_rlhf.RunError, match="under torchrun: processes run on cuda"):
+        distributed.setup(cpu_tiny(device="mps"))
+
+
+def test_offline_the_default_run_fails_in_one_line_within_seconds(tmp_path):
+    """No network, nothing cached: `python ppo_rlhf.py` says so in one line, without waiting for
+    the Hub client's retries. The Hub is an address that refuses connections and the cache an
+    empty folder, so this holds on a machine with a network too, and downloads nothing."""
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "ppo_rlhf.py"), "--device", "cpu", "--output-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    seconds = time.perf_counter() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "could not load model 'lvwerra/gpt2-imdb'" in lines[0], lines
+    assert "loading from the local Hugging Face cache only" in proc.stdout
+    assert seconds < 10, seconds
 
 
 @pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has bf16 instructions")
@@ -1077,7 +1163,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "ppo_rlhf.py"), "--tiny", "--mini-batch-size", "5", "--output-dir", str(tmp_path)],
+        [sys.executable, os.path.join(HERE, "ppo_rlhf.py"), "--tiny", "--device", "cpu", "--mini-batch-size", "5", "--output-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -1107,19 +1193,19 @@ def test_nan_stops_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(loading, "pipeline_scorer", scorer_nan_on_third_batch)
     out = tmp_path / "faulty"
     with pytest.raises(ppo_rlhf.NonFiniteError, match=r"step 3: NaN or inf in scores \(rows \[5\]\).*rewards"):
-        ppo_rlhf.main(ppo_rlhf.tiny_config(steps=6, save_every=1, output_dir=str(out), sample_every=0, eval_prompts=0))
+        ppo_rlhf.main(cpu_tiny(steps=6, save_every=1, output_dir=str(out), sample_every=0, eval_prompts=0))
     assert [r["step"] for r in checkpoint.read_log(str(out / "log.jsonl"))] == [1, 2]
     assert checkpoint.load_trainer_state(str(out))["step"] == 2
     monkeypatch.undo()
     clean = tmp_path / "clean"
-    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=2, output_dir=str(clean), sample_every=0, eval_prompts=0))
+    ppo_rlhf.main(cpu_tiny(steps=2, output_dir=str(clean), sample_every=0, eval_prompts=0))
     kept = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(str(clean)).state_dict().items():
         assert torch.equal(kept[name], tensor), name  # the checkpoint on disk is the step-2 policy
 
 
 def test_nonfinite_loss_never_reaches_the_optimizer():
-    cfg = ppo_rlhf.tiny_config(ppo_epochs=1, mini_batch_size=2, lr=1e-2)
+    cfg = cpu_tiny(ppo_epochs=1, mini_batch_size=2, lr=1e-2)
     policy = CausalLMWithValueHead(random_gpt2())
     _, optimizer, _ = ppo_rlhf.prepare_training(policy, cfg)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
@@ -1141,7 +1227,7 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_log(tmp_path):
     import sys
     import time
 
-    args = ["--tiny", "--steps", "20", "--sample-every", "0", "--eval-prompts", "4"]
+    args = ["--tiny", "--device", "cpu", "--steps", "20", "--sample-every", "0", "--eval-prompts", "4"]
     straight = tmp_path / "straight"
     ppo_rlhf.main(ppo_rlhf.parse_args(args + ["--output-dir", str(straight)]))
 
@@ -1185,7 +1271,7 @@ def rehash(directory, name):
 def save_small_checkpoint(directory, step=3):
     """A checkpoint of a random 2-layer policy, written by the loop's own save_checkpoint."""
     report.quiet_libraries()  # no progress bar from save_pretrained on stderr
-    cfg = ppo_rlhf.tiny_config(output_dir=str(directory))
+    cfg = cpu_tiny(output_dir=str(directory))
     policy = CausalLMWithValueHead(random_gpt2(seed=step))
     _, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, cfg)
     os.makedirs(directory, exist_ok=True)
@@ -1376,8 +1462,8 @@ def test_torchrun_two_processes_train_one_model(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         os.path.join(HERE, "ppo_rlhf.py"), "--tiny", "--steps", "20", "--eval-prompts", "4", "--sample-every", "0",
-         "--output-dir", str(out)],
+         os.path.join(HERE, "ppo_rlhf.py"), "--tiny", "--device", "cpu", "--steps", "20", "--eval-prompts", "4",
+         "--sample-every", "0", "--output-dir", str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -1391,10 +1477,57 @@ def test_torchrun_two_processes_train_one_model(tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("samples")) == ["samples.md"]
 
 
+def stopped_early(directory, steps, **saved):
+    """Make a finished run's checkpoint read as one stopped before `steps` (its config edited to
+    `steps` and `saved`), so that `--resume` has steps left to run."""
+    edit_manifest(directory, lambda m: m["config"].update(steps=steps, **saved))
+
+
+@slow
+def test_a_run_saved_on_cuda_resumes_on_the_cpu(tmp_path, capsys):
+    """What a checkpoint saved on a GPU holds, resumed on a CPU: `--device` given with `--resume`
+    is honoured, and the GPU's random state, kept for the run's own device only, is left unused."""
+    out = tmp_path / "run"
+    ppo_rlhf.main(cpu_tiny(steps=2, output_dir=str(out), eval_prompts=0, sample_every=0))
+    state = torch.load(out / checkpoint.TRAINER_STATE, weights_only=True)
+    cuda_like = [dict(rng, device=torch.zeros(16, dtype=torch.uint8)) for rng in state["torch_rng"]]
+    torch.save({**state, "torch_rng": cuda_like}, out / checkpoint.TRAINER_STATE)  # a GPU's state beside the CPU's
+    rehash(out, checkpoint.TRAINER_STATE)
+    edit_manifest(out, lambda m: [r.update(device="cuda") for r in m["rng"]])
+    stopped_early(out, 4, device="cuda")
+    capsys.readouterr()
+    if not torch.cuda.is_available():  # without --device the saved one is asked for, and refused in one line
+        code, err = run_cli(["--resume", str(out)], capsys)
+        assert code == 2 and err == ["error: --device cuda: this machine has no CUDA GPU; use --device cpu"]
+    assert ppo_rlhf.cli(["--resume", str(out), "--device", "cpu"]) == 0
+    assert "ignoring" not in capsys.readouterr().out  # --device is no flag to ignore
+    assert [r["step"] for r in checkpoint.read_log(str(out / "log.jsonl"))] == [1, 2, 3, 4]
+    assert checkpoint.load_trainer_state(str(out))["config"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@slow
+def test_on_cuda_bf16_samples_from_pi_old_and_resumes_across_devices(tmp_path):
+    """The real run's device, in the tiny world: under bf16 the first minibatch clips nothing
+    (rollout, phase 3 and update see one π_old); a run saved on cuda goes on on the CPU and back."""
+    [record] = ppo_rlhf.main(cpu_tiny(device="cuda", dtype="bf16", explain=True, output_dir=str(tmp_path / "x")))
+    first = record["trace"]["minibatches"][0]
+    assert first["pg_clipfrac"] == 0.0 and abs(first["ratio_max"] - 1) < 0.05, first
+    assert record["trace"]["response_ids"].device.type == "cuda"
+    out = tmp_path / "run"
+    ppo_rlhf.main(cpu_tiny(device="cuda", steps=2, output_dir=str(out), eval_prompts=4, sample_every=0))
+    stopped_early(out, 3)
+    assert ppo_rlhf.cli(["--resume", str(out), "--device", "cpu"]) == 0
+    stopped_early(out, 4)
+    assert ppo_rlhf.cli(["--resume", str(out), "--device", "cuda"]) == 0
+    log = checkpoint.read_log(str(out / "log.jsonl"))
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["score"]) for r in log)
+
+
 @slow
 def test_resume_with_another_number_of_processes_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
-    ppo_rlhf.main(ppo_rlhf.tiny_config(steps=1, output_dir=str(out), eval_prompts=0, sample_every=0))
+    ppo_rlhf.main(cpu_tiny(steps=1, output_dir=str(out), eval_prompts=0, sample_every=0))
     state = torch.load(out / checkpoint.TRAINER_STATE, weights_only=True)  # as if two processes had saved it:
     torch.save({**state, "torch_rng": state["torch_rng"] * 2}, out / checkpoint.TRAINER_STATE)  # a state per rank
     rehash(out, checkpoint.TRAINER_STATE)

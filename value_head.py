@@ -26,7 +26,8 @@ Four choices worth knowing:
 - The head has no dropout of its own (TRL's has 0.1), for the same reason as the first point.
 - Both heads run in fp32 with autocast off, on the fp32 last hidden state, even when the
   transformer runs in bf16: GPT-2's logits sit near −64, where bf16 rounds in steps of 0.25–0.5,
-  enough to move a log-prob by ~0.1 nats and make PPO clip on rounding alone.
+  enough to move a log-prob by ~0.1 nats and make PPO clip on rounding alone. `generate` runs
+  the LM head the same way, so responses are sampled from the distribution PPO computes as π_old.
 
 Legend: R rows, N positions per row, K positions kept, V vocabulary, H hidden size.
 
@@ -43,6 +44,21 @@ import torch.nn.functional as F
 from torch import nn
 
 VALUE_HEAD_FILE = "value_head.pt"
+
+
+def fp32_linear(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """`head(hidden)` in fp32 with autocast off, whatever precision the transformer ran in.
+
+    Args:
+        head: the LM head (a Linear, possibly tied to the input embeddings).
+        hidden: (..., H) hidden states.
+
+    Returns:
+        logits: (..., V) fp32.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        return F.linear(hidden.float(), head.weight.float(), bias)  # (..., V)
 
 
 class CausalLMWithValueHead(nn.Module):
@@ -91,17 +107,25 @@ class CausalLMWithValueHead(nn.Module):
         ).last_hidden_state  # (R, N, H)
         if keep is not None:
             hidden = hidden.flatten(0, 1)[keep]  # (K, H)
-        head = self.lm.get_output_embeddings()
+        logits = fp32_linear(self.lm.get_output_embeddings(), hidden)  # (K, V)
         with torch.autocast(hidden.device.type, enabled=False):
-            hidden = hidden.float()  # (K, H)
-            bias = None if head.bias is None else head.bias.float()
-            logits = F.linear(hidden, head.weight.float(), bias)  # (K, V)
-            values = self.v_head(hidden).squeeze(-1)  # (K,)
+            values = self.v_head(hidden.float()).squeeze(-1)  # (K,)
         return logits, values
 
     def generate(self, *args, **kwargs):
-        """Sampling is the LM's job; the value head plays no part in it."""
-        return self.lm.generate(*args, **kwargs)
+        """The LM's own `generate`, with its LM head run as `forward` runs it: in fp32, autocast off.
+
+        So the tokens are drawn from the very distribution that phase 3 computes as π_old. Under
+        bf16 autocast the library's head would round the logits to bf16 first (steps of 0.5 at
+        GPT-2's |logit| ≈ 100), and the responses would come from another distribution than the
+        one the ratio, the KL and the advantages assume. The value head plays no part here.
+        """
+        head = self.lm.get_output_embeddings()
+        head.forward = lambda hidden: fp32_linear(head, hidden)  # this instance only, for this call
+        try:
+            return self.lm.generate(*args, **kwargs)
+        finally:
+            del head.forward  # back to the class's own forward
 
     def save_pretrained(self, save_directory: str) -> None:
         """Write the LM as the library saves it, plus `value_head.pt` beside it.
