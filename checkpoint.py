@@ -196,6 +196,10 @@ def resume_config(cfg):
     ignored = sorted(given - {"resume", "device"})
     if ignored:
         print(f"--resume continues with the run's saved config; ignoring: {', '.join(ignored)}")
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise ConfigError(f"--resume {cfg.resume}: saved by another version of this code (settings {unknown} are "
+                          "unknown here): resume with that version, or start a new run")  # fmt: skip
     device = {"device": cfg.device} if "device" in given else {}  # the run may move: cuda → cpu, or back
     return type(cfg)(**{**saved, **device, "resume": cfg.resume, "output_dir": cfg.resume})
 

@@ -93,8 +93,10 @@ def check_config(cfg, estimators) -> None:
                           "each prompt gets K responses")  # fmt: skip
     if cfg.reward_fn and cfg.reward_model != defaults.reward_model:
         raise ConfigError("--reward-fn and --reward-model both name the reward: keep one")
-    ignored = [k for k in ("model", "reward_model", "dataset") if getattr(cfg, k) != getattr(defaults, k)]
-    if cfg.tiny and ignored:  # tiny.py builds these
+    if cfg.gold_reward_fn and cfg.gold_reward_model:
+        raise ConfigError("--gold-reward-fn and --gold-reward-model both name the gold score: keep one")
+    ignored = [k for k in ("model", "dataset") if getattr(cfg, k) != getattr(defaults, k)]
+    if cfg.tiny and ignored:  # tiny.py builds these (a --reward-model replaces the world's classifier)
         flags = " and ".join("--" + k.replace("_", "-") for k in ignored)
-        raise ConfigError(f"--tiny builds its own policy, reward model and prompts, so {flags} would be ignored: "
+        raise ConfigError(f"--tiny builds its own policy and prompts, so {flags} would be ignored: "
                           "drop them, or drop --tiny")  # fmt: skip

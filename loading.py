@@ -120,13 +120,16 @@ def pure_sampling(tokenizer):
     )  # fmt: skip
 
 
-def load_score_fn(reward_model: str, label: str, batch_size: int, device):
-    """A function from B texts to a (B,) tensor: the raw `label` logit of a text classifier."""
+def load_score_fn(reward_model: str, label: str, batch_size: int, device, what: str = "reward model"):
+    """A function from B texts to a (B,) tensor: the raw `label` logit of a text classifier, or
+    the one logit of a reward model (train_reward_model.py)."""
     from transformers import pipeline
 
-    with load_errors_as_config_error("reward model", reward_model):
+    with load_errors_as_config_error(what, reward_model):
         classifier = pipeline("text-classification", model=reward_model, device=device)
     labels = list(classifier.model.config.id2label.values())
+    if len(labels) == 1:  # a reward model (train_reward_model.py): its one logit is the reward
+        label = labels[0]
     if label not in labels:
         raise ConfigError(
             f"reward model {reward_model} has no label {label!r}; its labels are {labels}: "
@@ -135,7 +138,7 @@ def load_score_fn(reward_model: str, label: str, batch_size: int, device):
     return pipeline_scorer(classifier, label, batch_size)
 
 
-def load_reward_fn(spec: str):
+def load_reward_fn(spec: str, flag: str = "--reward-fn"):
     """A score function from `path/to/file.py:name` or `module:name`: a Python function from a
     list of B texts to B floats, used instead of a classifier. What it returns is checked on
     every call; anything unusable stops the run with one ConfigError line."""
@@ -145,9 +148,9 @@ def load_reward_fn(spec: str):
 
     where, _, name = spec.rpartition(":")
     if not where or not name:
-        raise ConfigError(f"--reward-fn {spec}: write it as path/to/file.py:function or module:function")
+        raise ConfigError(f"{flag} {spec}: write it as path/to/file.py:function or module:function")
     if where.endswith(".py") and not os.path.isfile(where):
-        raise ConfigError(f"--reward-fn {spec}: there is no file {where}")
+        raise ConfigError(f"{flag} {spec}: there is no file {where}")
     try:
         if where.endswith(".py"):
             module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(where))[0], where)
@@ -157,31 +160,32 @@ def load_reward_fn(spec: str):
             module = importlib.import_module(where)
     except Exception as e:
         why = f"{type(e).__name__}: {first_line(e)}"
-        raise ConfigError(f"--reward-fn {spec}: importing {where} failed ({why})") from None
+        raise ConfigError(f"{flag} {spec}: importing {where} failed ({why})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ConfigError(f"--reward-fn {spec}: {where} has no function {name!r}")
+        raise ConfigError(f"{flag} {spec}: {where} has no function {name!r}")
 
     def score_fn(texts):
         try:
             values = [float(v) for v in fn(list(texts))]
         except Exception as e:
-            raise ConfigError(f"--reward-fn {spec} failed ({type(e).__name__}: {first_line(e)}); it must take a "
+            raise ConfigError(f"{flag} {spec} failed ({type(e).__name__}: {first_line(e)}); it must take a "
                               "list of texts and return a list of floats") from None  # fmt: skip
         if len(values) != len(texts):
-            raise ConfigError(f"--reward-fn {spec} returned {len(values)} values for {len(texts)} texts: "
+            raise ConfigError(f"{flag} {spec} returned {len(values)} values for {len(texts)} texts: "
                               "it must return one float per text")  # fmt: skip
         bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         if bad:
-            raise ConfigError(f"--reward-fn {spec} returned {values[bad[0]]} for text {bad[0]} ({texts[bad[0]]!r}): "
+            raise ConfigError(f"{flag} {spec} returned {values[bad[0]]} for text {bad[0]} ({texts[bad[0]]!r}): "
                               "every score must be a finite number")  # fmt: skip
         return torch.tensor(values, dtype=torch.float32)  # (B,)
 
     return score_fn
 
 
-def load_review_texts(dataset: str, split: str, text_column: str, min_chars: int) -> list:
-    """Review texts longer than `min_chars`, from a Hub dataset, a data file or a saved dataset."""
+def load_table(dataset: str, split: str):
+    """A split of a Hub dataset, a .csv/.json/.jsonl/.parquet file, or a folder written by
+    `Dataset.save_to_disk`, as a `datasets.Dataset`; one ConfigError line if it can't be had."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if os.path.isfile(dataset):
@@ -189,9 +193,12 @@ def load_review_texts(dataset: str, split: str, text_column: str, min_chars: int
             os.path.splitext(dataset)[1].lower()
         )
         if kind is None:
-            raise ConfigError(f"--dataset {dataset}: use a .csv, .json, .jsonl or .parquet file")
-        with load_errors_as_config_error("dataset", dataset):
+            raise ConfigError(f"dataset {dataset}: use a .csv, .json, .jsonl or .parquet file")
+        try:
             data = load_dataset(kind, data_files=dataset, split="train")
+        except Exception as e:  # the file is there: its name and the network are not the problem
+            raise ConfigError(f"could not read {dataset} as {kind} ({type(e).__name__}: {first_line(e)}): "
+                              "is it empty, or not a table with a header row?") from None  # fmt: skip
     elif any(os.path.isfile(os.path.join(dataset, f)) for f in ("dataset_info.json", "dataset_dict.json")):
         with load_errors_as_config_error("dataset", dataset):
             data = load_from_disk(dataset)  # a folder written by Dataset.save_to_disk
@@ -202,12 +209,39 @@ def load_review_texts(dataset: str, split: str, text_column: str, min_chars: int
         if split not in data:
             raise ConfigError(f"dataset {dataset} has no split {split!r}; its splits are {list(data)}")
         data = data[split]
+    return data
+
+
+def load_scorer(spec: str, label: str, batch_size: int, device, flag: str):
+    """A score function (B texts → (B,) tensor) from either form a reward can take: a Python
+    function (`path/to/file.py:name` or `module:name`) or a text classifier (a Hub id or folder)."""
+    function = ":" in spec and not os.path.isdir(spec) and spec.rpartition(":")[2].isidentifier()
+    return load_reward_fn(spec, flag) if function else load_score_fn(spec, label, batch_size, device, flag[2:])
+
+
+def load_review_texts(dataset: str, split: str, text_column: str, min_chars: int) -> list:
+    """Review texts longer than `min_chars`, from a Hub dataset, a data file or a saved dataset."""
+    data = load_table(dataset, split)
     if text_column not in data.column_names:
         raise ConfigError(
             f"dataset {dataset} has no column {text_column!r}; its columns are {data.column_names}: "
             "choose one with --text-column"
         )
     return [t for t in data[text_column] if isinstance(t, str) and len(t) > min_chars]
+
+
+def load_preference_pairs(dataset: str, split: str) -> tuple:
+    """(chosen texts, rejected texts) of a preference dataset with `chosen` and `rejected` text
+    columns, each text the prompt and its response, as in Anthropic's HH-RLHF."""
+    data = load_table(dataset, split)
+    missing = [c for c in ("chosen", "rejected") if c not in data.column_names]
+    if missing:
+        raise ConfigError(f"preference dataset {dataset} has no column {missing[0]!r}; its columns are "
+                          f"{data.column_names}: it needs the text columns 'chosen' and 'rejected'")  # fmt: skip
+    pairs = [(c, r) for c, r in zip(data["chosen"], data["rejected"]) if isinstance(c, str) and isinstance(r, str)]
+    if not pairs:
+        raise ConfigError(f"preference dataset {dataset} holds no pair of texts in 'chosen' and 'rejected'")
+    return [c for c, _ in pairs], [r for _, r in pairs]
 
 
 def build_queries(texts, tokenizer, min_len: int, max_len: int, generator) -> list:

@@ -26,13 +26,12 @@ References: [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Pre
 Ouyang et al. 2022 (InstructGPT); [3] TRL v0.11's gpt2-sentiment example, whose settings are ours.
 """
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,12 +39,13 @@ import checkpoint
 import distributed
 import report
 import tiny
+from command_line import arg, parse_config
 from errors import NonFiniteError, RunError, check_config, check_finite
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
 from group_advantages import grpo_advantages, k3_kl_loss, rloo_advantages
-from loading import left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn, make_autocast
-from loading import fork_rng, offline_if_hub_unreachable, prepare_training, resolve_device, reward_batch_size
-from loading import seed_everything
+from loading import fork_rng, left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn
+from loading import load_scorer, make_autocast, offline_if_hub_unreachable, prepare_training, resolve_device
+from loading import reward_batch_size, seed_everything
 from logprobs import batched_forward_pass, entropy_from_logits
 from ppo_loss import ppo_loss
 from rewards import KL_KINDS, kl_shaped_rewards
@@ -55,58 +55,58 @@ ESTIMATORS = ("gae", "rloo", "grpo")
 GROUP_ESTIMATORS = {"rloo": rloo_advantages, "grpo": grpo_advantages}
 
 
-def _arg(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class Config:
     # what to train, on what
-    model: str = _arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
-    reward_model: str = _arg("lvwerra/distilbert-imdb", "text classifier whose logit is the score")
-    reward_label: str = _arg("POSITIVE", "the classifier label whose raw logit is the score")
-    reward_fn: str = _arg("", "score with a Python function instead of the classifier: path/to/file.py:name "
+    model: str = arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
+    reward_model: str = arg("lvwerra/distilbert-imdb", "text classifier whose logit is the score")
+    reward_label: str = arg("POSITIVE", "the classifier label whose raw logit is the score")
+    reward_fn: str = arg("", "score with a Python function instead of the classifier: path/to/file.py:name "
                               "or module:name, taking a list of texts and returning a list of floats")
-    dataset: str = _arg("imdb", "prompts: a Hub dataset, a CSV/JSON/parquet file or a saved dataset")
-    dataset_split: str = _arg("train", "split of the dataset to take prompts from")
-    text_column: str = _arg("text", "column of the dataset holding the review text")
-    min_review_chars: int = _arg(200, "keep only reviews longer than this many characters")
-    tiny: bool = _arg(False, "offline: the policy, reward model and prompts of tiny.py's world")
+    gold_reward_model: str = arg("", "a second classifier, never trained on: its score of the same texts is "
+                                      "logged as gold_score (the truth a learned --reward-model stands for)")
+    gold_reward_fn: str = arg("", "the same, a Python function as for --reward-fn; with --tiny and "
+                                   "--reward-model it is the world's raters, tiny:judge")
+    dataset: str = arg("imdb", "prompts: a Hub dataset, a CSV/JSON/parquet file or a saved dataset")
+    dataset_split: str = arg("train", "split of the dataset to take prompts from")
+    text_column: str = arg("text", "column of the dataset holding the review text")
+    min_review_chars: int = arg(200, "keep only reviews longer than this many characters")
+    tiny: bool = arg(False, "offline: the policy, reward model and prompts of tiny.py's world")
     # episode shape
-    query_min_len: int = _arg(2, "shortest query, in tokens")
-    query_max_len: int = _arg(7, "longest query, in tokens")
-    response_min_len: int = _arg(4, "shortest response to sample, in tokens")
-    response_max_len: int = _arg(15, "longest response to sample, in tokens")
+    query_min_len: int = arg(2, "shortest query, in tokens")
+    query_max_len: int = arg(7, "longest query, in tokens")
+    response_min_len: int = arg(4, "shortest response to sample, in tokens")
+    response_max_len: int = arg(15, "longest response to sample, in tokens")
     # PPO
-    advantage_estimator: str = _arg("gae", "gae: PPO with the value head (critic); rloo or grpo: no critic, "
+    advantage_estimator: str = arg("gae", "gae: PPO with the value head (critic); rloo or grpo: no critic, "
                                            "advantages from K responses per prompt (group_advantages.py)")
-    group_size: int = _arg(0, "K, responses sampled per prompt; 0 = 1 for gae, 4 for rloo and grpo")
-    batch_size: int = _arg(128, "episodes (responses) per PPO step, so batch_size / K prompts")
-    mini_batch_size: int = _arg(128, "episodes per gradient step; must divide batch_size")
-    ppo_epochs: int = _arg(4, "passes over each batch")
-    lr: float = _arg(1.41e-5, "Adam learning rate")
-    init_kl_coef: float = _arg(0.2, "initial KL penalty coefficient β")
-    adaptive_kl: bool = _arg(True, "adapt β towards kl_target (--no-adaptive-kl: keep init_kl_coef)")
-    kl_target: float = _arg(6.0, "target KL per response, in nats, for the adaptive β")
-    kl_horizon: float = _arg(10000.0, "samples over which the adaptive β corrects its error")
-    kl_kind: str = _arg("kl", f"per-token KL estimator: one of {', '.join(KL_KINDS)}")
-    gamma: float = _arg(1.0, "discount γ")
-    lam: float = _arg(0.95, "GAE λ")
-    cliprange: float = _arg(0.2, "PPO ratio clip ε")
-    cliprange_value: float = _arg(0.2, "value clip ε_v around the rollout values")
-    vf_coef: float = _arg(0.1, "weight of the value loss")
+    group_size: int = arg(0, "K, responses sampled per prompt; 0 = 1 for gae, 4 for rloo and grpo")
+    batch_size: int = arg(128, "episodes (responses) per PPO step, so batch_size / K prompts")
+    mini_batch_size: int = arg(128, "episodes per gradient step; must divide batch_size")
+    ppo_epochs: int = arg(4, "passes over each batch")
+    lr: float = arg(1.41e-5, "Adam learning rate")
+    init_kl_coef: float = arg(0.2, "initial KL penalty coefficient β")
+    adaptive_kl: bool = arg(True, "adapt β towards kl_target (--no-adaptive-kl: keep init_kl_coef)")
+    kl_target: float = arg(6.0, "target KL per response, in nats, for the adaptive β")
+    kl_horizon: float = arg(10000.0, "samples over which the adaptive β corrects its error")
+    kl_kind: str = arg("kl", f"per-token KL estimator: one of {', '.join(KL_KINDS)}")
+    gamma: float = arg(1.0, "discount γ")
+    lam: float = arg(0.95, "GAE λ")
+    cliprange: float = arg(0.2, "PPO ratio clip ε")
+    cliprange_value: float = arg(0.2, "value clip ε_v around the rollout values")
+    vf_coef: float = arg(0.1, "weight of the value loss")
     # run
-    steps: int = _arg(0, "PPO steps to run; 0 = one pass over the prompts")
-    seed: int = _arg(0, "seed for python, numpy and torch")
-    device: str = _arg("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = _arg("fp32", "fp32, or bf16 autocast for the transformer (heads, log-probs and losses stay fp32)")
-    reward_batch_size: int = _arg(0, "texts per reward-model forward pass; 0 = 16 on a CPU, 128 on a GPU")
-    output_dir: str = _arg("runs/ppo", "where log.jsonl, samples.md, curves.png and the checkpoint go")
-    save_every: int = _arg(0, "also save a checkpoint every N steps (0 = only at the end)")
-    sample_every: int = _arg(10, "print a few decoded samples every N steps (0 = never)")
-    eval_prompts: int = _arg(64, "held-out prompts answered by reference and trained policy at the end")
-    explain: bool = _arg(False, "run one PPO step on 4 prompts (2 × K for rloo and grpo), print every tensor")
-    resume: str = _arg("", "continue the run saved in this output folder from its last checkpoint")
+    steps: int = arg(0, "PPO steps to run; 0 = one pass over the prompts")
+    seed: int = arg(0, "seed for python, numpy and torch")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = arg("fp32", "fp32, or bf16 autocast for the transformer (heads, log-probs and losses stay fp32)")
+    reward_batch_size: int = arg(0, "texts per reward-model forward pass; 0 = 16 on a CPU, 128 on a GPU")
+    output_dir: str = arg("runs/ppo", "where log.jsonl, samples.md, curves.png and the checkpoint go")
+    save_every: int = arg(0, "also save a checkpoint every N steps (0 = only at the end)")
+    sample_every: int = arg(10, "print a few decoded samples every N steps (0 = never)")
+    eval_prompts: int = arg(64, "held-out prompts answered by reference and trained policy at the end")
+    explain: bool = arg(False, "run one PPO step on 4 prompts (2 × K for rloo and grpo), print every tensor")
+    resume: str = arg("", "continue the run saved in this output folder from its last checkpoint")
 
     @property
     def responses_per_prompt(self) -> int:
@@ -339,14 +339,16 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 # ------------------------------------------------------------------------------ the run
 
 
-def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast):
-    """B responses (strings) of `model`, policy or reference, to the held-out queries, and their B
-    scores. The run's seed in a forked RNG: both models get the same lengths; training's is kept."""
+def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, gold_fn=None):
+    """B responses (strings) of `model`, policy or reference, to the held-out queries, their B
+    scores, and their B gold scores (or None). The run's seed in a forked RNG: both models get the
+    same lengths; training's is kept."""
     with fork_rng(query_ids.device):
         torch.manual_seed(cfg.seed)
         response_ids, response_mask = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
     texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
-    return decode_texts(tokenizer, response_ids, response_mask), score_fn(texts).tolist()
+    gold = gold_fn(texts).tolist() if gold_fn else None
+    return decode_texts(tokenizer, response_ids, response_mask), score_fn(texts).tolist(), gold
 
 
 def main(cfg: Config) -> list:
@@ -364,17 +366,22 @@ def main(cfg: Config) -> list:
     seed_everything(cfg.seed + rank)  # [ddp] each rank samples its own responses
     device = resolve_device(device_name, cfg.dtype)
     autocast = make_autocast(device, cfg.dtype)
+    learned = cfg.tiny and cfg.reward_model != Config.reward_model  # --tiny against a learned reward model
+    gold = cfg.gold_reward_fn or cfg.gold_reward_model or ("tiny:judge" if learned else "")
     score_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # a bad --reward-fn fails before any work
 
     with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
         model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
+    reward_model = cfg.reward_model if learned else reward_model
     offline_if_hub_unreachable(model, dataset, *([] if cfg.reward_fn else [reward_model]))
     reward = f"the function {cfg.reward_fn}" if cfg.reward_fn else f"the reward model from {reward_model}"
-    print(f"loading the policy from {model}, {reward}, prompts from {dataset}")
+    print(f"loading the policy from {model}, {reward}, prompts from {dataset}" + (f"; gold: {gold}" if gold else ""))
     policy, tokenizer = load_policy_and_tokenizer(model, device)
     ref_model, optimizer, kl_ctl = prepare_training(policy, cfg)
     reward_batch = reward_batch_size(cfg.reward_batch_size, device)
     score_fn = score_fn or load_score_fn(reward_model, cfg.reward_label, reward_batch, device)
+    flag = "--gold-reward-model" if cfg.gold_reward_model else "--gold-reward-fn"
+    gold_fn = load_scorer(gold, cfg.reward_label, reward_batch, device, flag) if gold else None  # never trained on
     prompt_rng = torch.Generator().manual_seed(cfg.seed)  # query lengths and data order, alike on all ranks
     eval_queries, queries = load_queries(dataset, tokenizer, cfg, prompt_rng)  # held out, training
     n_eval = len(eval_queries) if rank == 0 else 0
@@ -395,7 +402,7 @@ def main(cfg: Config) -> list:
           f"episodes{groups} on {world} × {device}")  # fmt: skip
     if n_eval:
         eval_ids, eval_mask = left_pad(eval_queries, tokenizer.pad_token_id, device)
-        before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast)
+        before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn)
     order, start = torch.randperm(len(queries), generator=prompt_rng), 0
     if cfg.resume:
         start, order = checkpoint.restore_state(cfg.resume, policy, optimizer, kl_ctl, prompt_rng)
@@ -419,7 +426,8 @@ def main(cfg: Config) -> list:
                                          query_mask, rank_cfg, autocast)  # fmt: skip
             except RunError as e:  # NaN or inf, or a --reward-fn that returned something unusable
                 raise type(e)(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
-            record = {"step": step + 1, **record, **({"fluency": tiny.fluency(trace["texts"])} if cfg.tiny else {})}
+            record = {"step": step + 1, **record, **({"fluency": tiny.fluency(trace["texts"])} if cfg.tiny else {}),
+                      **({"gold_score": gold_fn(trace["texts"]).mean().item()} if gold_fn else {})}  # fmt: skip
             record = distributed.mean({**record, "stop": float(stop.asked)})  # [ddp] stats over ranks
             stopping = record.pop("stop") > 0
             history.append(record)
@@ -435,7 +443,7 @@ def main(cfg: Config) -> list:
     checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, steps, cfg, prompt_rng, order)
     print(f"saved policy, value head and tokenizer to {cfg.output_dir}")
     if n_eval:
-        after = evaluate_held_out(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast)
+        after = evaluate_held_out(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn)
         query_texts = tokenizer.batch_decode(eval_queries, skip_special_tokens=True)
         report.write_samples(cfg.output_dir, query_texts, before, after, tiny.is_fluent if cfg.tiny else None)
     if rank == 0:
@@ -447,16 +455,8 @@ HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shap
 
 
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description="RLHF with PPO: make GPT-2 write positive IMDB reviews.")
-    for f in dataclasses.fields(Config):
-        if f.name in HELP_GROUPS:
-            group = parser.add_argument_group(HELP_GROUPS[f.name])
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        # SUPPRESS keeps flags that were not given out of the result, so --tiny can fill them.
-        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                           help=f"{f.metadata['help']} (default: {f.default})", **kind)  # fmt: skip
-    given = vars(parser.parse_args(argv))
-    return tiny_config(**given) if given.get("tiny") else dataclasses.replace(Config(), **given)
+    return parse_config(Config, argv, "RLHF with PPO: make GPT-2 write positive IMDB reviews.", HELP_GROUPS,
+                        TINY_OVERRIDES)  # fmt: skip
 
 
 def cli(argv=None) -> int:

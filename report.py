@@ -185,7 +185,8 @@ def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows:
     Args:
         output_dir: where samples.md goes.
         queries: N query texts.
-        before, after: (responses, scores) of the reference and of the trained policy.
+        before, after: (responses, scores, gold scores or None) of the reference and of the
+            trained policy; gold scores add their own columns beside the scores.
         is_fluent: text → bool (the --tiny world's grammar), or None.
         rows: how many rows of the table to print on the terminal (the file has them all).
 
@@ -196,16 +197,21 @@ def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows:
     def cell(text):
         return text.replace("|", "\\|").replace("\n", " ")
 
-    n = len(queries)
+    n, gold = len(queries), before[2] is not None
     summary = [f"Held-out prompts: {n}, never trained on. Mean score ± standard error:",
                f"reference {mean_and_sem(before[1])}, trained policy {mean_and_sem(after[1])}."]  # fmt: skip
+    if gold:
+        summary.append(f"Gold score (the judge, never trained on): reference {mean_and_sem(before[2])}, "
+                       f"trained policy {mean_and_sem(after[2])}.")  # fmt: skip
     if is_fluent:
-        fluent = [sum(is_fluent(q + " " + r) for q, r in zip(queries, responses)) / n for responses, _ in (before, after)]
+        fluent = [sum(is_fluent(q + " " + r) for q, r in zip(queries, run[0])) / n for run in (before, after)]
         summary.append(f"Fluent (a prefix of the tiny grammar): reference {fluent[0]:.0%}, trained policy {fluent[1]:.0%}.")
-    table = ["| query | reference response | trained response | ref score | trained score |",
-             "| --- | --- | --- | ---: | ---: |"]  # fmt: skip
-    for q, r, t, rs, ts in zip(queries, before[0], after[0], before[1], after[1]):
-        table.append(f"| {cell(q)} | {cell(r)} | {cell(t)} | {rs:+.2f} | {ts:+.2f} |")
+    extra = " ref gold | trained gold |" if gold else ""
+    table = ["| query | reference response | trained response | ref score | trained score |" + extra,
+             "| --- | --- | --- | ---: | ---: |" + (" ---: | ---: |" if gold else "")]  # fmt: skip
+    for i, (q, r, t, rs, ts) in enumerate(zip(queries, before[0], after[0], before[1], after[1])):
+        golds = f" {before[2][i]:+.2f} | {after[2][i]:+.2f} |" if gold else ""
+        table.append(f"| {cell(q)} | {cell(r)} | {cell(t)} | {rs:+.2f} | {ts:+.2f} |" + golds)
     path = os.path.join(output_dir, "samples.md")
     with open(path, "w") as f:
         f.write("\n".join(summary) + "\n\n" + "\n".join(table) + "\n")
@@ -232,7 +238,8 @@ def draw_curves(runs, title: str = "", kl_target=None):
 
     runs = runs if isinstance(runs, dict) else {"": runs}
     first = next(iter(runs.values()))
-    panels = PANELS + ((("fluency", "fluent share (tiny grammar)"),) if "fluency" in first[0] else ())
+    panels = PANELS[:1] + ((("gold_score", "gold score (judge)"),) if "gold_score" in first[0] else ()) + PANELS[1:]
+    panels += (("fluency", "fluent share (tiny grammar)"),) if "fluency" in first[0] else ()
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True)
     for ax, (key, label) in zip(axes, panels):
         for name, records in runs.items():

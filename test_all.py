@@ -32,6 +32,7 @@ import logprobs
 import ppo_loss
 import ppo_rlhf
 import report
+import reward_model
 import rewards
 import tiny
 import value_head
@@ -43,7 +44,8 @@ from rewards import AdaptiveKLController, FixedKLController, kl_per_token, kl_sh
 from value_head import CausalLMWithValueHead
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONCEPT_FILES = ["value_head.py", "logprobs.py", "rewards.py", "gae.py", "ppo_loss.py", "group_advantages.py"]
+CONCEPT_FILES = ["value_head.py", "logprobs.py", "rewards.py", "gae.py", "ppo_loss.py", "group_advantages.py",
+                 "reward_model.py"]
 slow = pytest.mark.slow
 
 
@@ -148,7 +150,7 @@ def public_functions(module):
                     yield f"{name}.{meth_name}", meth
 
 
-@pytest.mark.parametrize("module", [value_head, logprobs, rewards, gae, ppo_loss, group_advantages])
+@pytest.mark.parametrize("module", [value_head, logprobs, rewards, gae, ppo_loss, group_advantages, reward_model])
 def test_docstring_args_match_signatures(module):
     """The names listed under Args: of each public function are exactly its parameters."""
     checked = 0
@@ -677,6 +679,54 @@ def test_masked_positions_get_exactly_zero_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
+# reward_model.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bradley_terry_loss_is_the_negative_log_likelihood_of_the_choices():
+    r_c, r_r = torch.tensor([2.0, 0.0, -1.0, 30.0, -100.0]), torch.tensor([0.0, 0.0, 1.0, -30.0, 100.0])
+    expected = -torch.nn.functional.logsigmoid(r_c - r_r).mean()
+    assert_close_scaled(reward_model.bradley_terry_loss(r_c, r_r), expected, 1.0)
+    assert math.isfinite(reward_model.bradley_terry_loss(r_c, r_r).item())  # −200 apart: log σ is still finite
+    # hand cases: a tie costs log 2; a margin m moves the tie to r_c − r_r = m
+    tie = reward_model.bradley_terry_loss(torch.tensor([0.5]), torch.tensor([0.5]))
+    assert_close_scaled(tie, torch.tensor(math.log(2)), 1.0)
+    m = torch.tensor([0.5, 1.0, 0.0, 2.0, 0.0])
+    assert_close_scaled(reward_model.bradley_terry_loss(r_c, r_r, m), -torch.nn.functional.logsigmoid(r_c - r_r - m).mean(), 1.0)
+    assert_close_scaled(reward_model.bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), 1.0), tie, 1.0)
+
+
+def test_centering_accuracy_and_preference_probability_hand_cases():
+    r_c, r_r = torch.tensor([1.0, 2.0, 0.5, -1.0]), torch.tensor([-1.0, 3.0, 0.5, -3.0])
+    assert reward_model.centering_loss(r_c, r_r).item() == pytest.approx((0 + 25 + 1 + 16) / 4)
+    assert reward_model.pair_accuracy(r_c, r_r).item() == pytest.approx((1 + 0 + 0.5 + 1) / 4)  # a tie counts half
+    p = reward_model.preference_probability(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert p.tolist() == pytest.approx([1 / (1 + math.exp(-1)), 0.5])
+
+
+def test_last_token_rewards_with_left_right_and_no_padding():
+    per_token = torch.arange(15.0).view(3, 5)  # the value at (b, l) is 5b + l
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert reward_model.last_token_rewards(per_token, right).tolist() == [2.0, 9.0, 10.0]
+    assert reward_model.last_token_rewards(per_token, left.bool()).tolist() == [4.0, 9.0, 14.0]
+
+
+def test_normalize_head_gives_unit_std_and_keeps_every_preference():
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 8)
+    for bias in (False, True):
+        head = torch.nn.Linear(8, 1, bias=bias)
+        before = head(hidden).squeeze(1).detach()
+        gain = reward_model.normalize_head(head, before)
+        after = head(hidden).squeeze(1).detach()
+        assert after.std().item() == pytest.approx(1.0, rel=1e-5) and gain > 0
+        assert torch.equal(after.argsort(), before.argsort())  # the same order: no preference changes
+        if bias:
+            assert abs(after.mean().item()) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
 # ppo_rlhf.py: the rollout and the command line
 # ---------------------------------------------------------------------------------------------
 
@@ -953,6 +1003,132 @@ def test_critic_free_estimators_learn_and_keep_the_text_fluent(tmp_path, estimat
 
 
 # ---------------------------------------------------------------------------------------------
+# Step 2: train_reward_model.py, and PPO against the reward model it learns
+# ---------------------------------------------------------------------------------------------
+
+
+def preference_pairs(n=48, seed=0):
+    """`n` pairs of short reviews of the tiny language, one word apart: the positive one chosen."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        subject, verb = rng.choice(["the movie", "the plot", "the acting", "the music", "the ending"]), rng.choice(["is", "was"])
+        good, bad = rng.choice(tiny.POSITIVE), rng.choice(tiny.NEGATIVE)
+        pairs.append((f"{subject} {verb} {good} .", f"{subject} {verb} {bad} ."))
+    return pairs
+
+
+def preference_csv(path, pairs):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("chosen", "rejected"), *pairs])
+    return str(path)
+
+
+def rm_config(**overrides):
+    import train_reward_model
+
+    return dataclasses_replace(train_reward_model.Config(device="cpu", epochs=3, lr=1e-3, pairs=40, heldout_pairs=8),
+                               **overrides)  # fmt: skip
+
+
+def dataclasses_replace(cfg, **overrides):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **overrides)
+
+
+@slow
+def test_a_reward_model_learns_a_handful_of_pairs_and_ppo_scores_with_it(world, tmp_path):
+    """Step 2 on 40 preference pairs from a CSV, then step 3 against the result: the saved model is
+    a one-label classifier that the run loads like any, whose pipeline logit is the reward read at
+    the last token (reward_model.last_token_rewards), and the run logs the judge's gold_score."""
+    import train_reward_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "rm"
+    pairs = preference_pairs()
+    prefs = preference_csv(tmp_path / "prefs.csv", pairs)
+    result = train_reward_model.main(rm_config(model=world[0], preferences=prefs, output_dir=str(out)))
+    saved = json.load(open(out / "eval.json"))
+    assert saved == result and (saved["pairs_train"], saved["pairs_heldout"]) == (40, 8)
+    assert saved["judge_heldout_accuracy"] is None and 0 <= saved["heldout_accuracy"] <= 1
+    chosen, rejected = zip(*pairs)
+    score = loading.load_score_fn(str(out), "POSITIVE", 4, torch.device("cpu"))  # any label: it has one
+    r_c, r_r = score(list(chosen)), score(list(rejected))
+    assert reward_model.pair_accuracy(r_c, r_r).item() >= 0.8  # it learned what it was shown
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(str(out)), AutoTokenizer.from_pretrained(str(out))
+    with torch.no_grad():
+        ours = train_reward_model.rewards_of(model.eval(), tokenizer, list(chosen[:8]), "cpu")
+    assert_close_scaled(r_c[:8], ours, r_c.abs().max())  # the pipeline's readout is ours, up to rounding
+
+    history = ppo_rlhf.main(cpu_tiny(reward_model=str(out), steps=2, eval_prompts=4, sample_every=0,
+                                     output_dir=str(tmp_path / "ppo")))  # fmt: skip
+    assert all(math.isfinite(r["gold_score"]) for r in history) and len(history) == 2
+    text = open(tmp_path / "ppo" / "samples.md").read()
+    assert "Gold score (the judge, never trained on)" in text and "| ref gold | trained gold |" in text
+
+
+@slow
+def test_synthetic_pairs_are_judged_with_label_noise_and_held_out_on_new_prompts(tmp_path, capsys):
+    """--tiny: the policy answers each prompt twice, tiny.judge scores both, the label is drawn
+    from σ(g₁ − g₂); eval.json says how often the judge itself agrees with those labels."""
+    import train_reward_model
+
+    out = tmp_path / "rm"
+    code = train_reward_model.cli(["--tiny", "--device", "cpu", "--pairs", "64", "--heldout-pairs", "32", "--epochs",
+                                   "1", "--output-dir", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    result = json.load(open(out / "eval.json"))
+    assert (result["pairs_train"], result["pairs_heldout"], result["judge"]) == (64, 32, "tiny:judge")
+    assert 0.5 < result["judge_heldout_accuracy"] < 1  # labels agree with the judge more often than not, not always
+    assert abs(result["heldout_reward_std"] - 1) < 0.5  # normalized on the policy's samples
+
+
+BAD_JUDGES = """
+def one_short(texts):
+    return [0.0] * (len(texts) - 1)
+"""
+
+
+@slow
+def test_step_two_bad_input_is_one_line(world, tmp_path, capsys):
+    import train_reward_model
+
+    judges = tmp_path / "judges.py"
+    judges.write_text(BAD_JUDGES)
+    (tmp_path / "no_pairs.csv").write_text("text,label\nthe movie was good .,1\n")
+    (tmp_path / "empty.csv").write_text("chosen,rejected\n")
+    (tmp_path / "blank.csv").write_text("chosen,rejected\n,\n")
+    (tmp_path / "one.csv").write_text("chosen,rejected\nthe movie was good .,the movie was bad .\n")
+    cases = [
+        (["--preferences", str(tmp_path / "no_pairs.csv")], "has no column 'chosen'; its columns are ['text', 'label']: "
+                                                            "it needs the text columns 'chosen' and 'rejected'"),
+        (["--preferences", str(tmp_path / "empty.csv")], "is it empty, or not a table with a header row?"),
+        (["--preferences", str(tmp_path / "blank.csv")], "holds no pair of texts in 'chosen' and 'rejected'"),
+        (["--preferences", str(tmp_path / "one.csv")], "holds 1 pair: at least 2 are needed"),
+        (["--judge", f"{judges}:one_short", "--pairs", "8", "--heldout-pairs", "4"],
+         f"--judge {judges}:one_short returned 11 values for 12 texts: it must return one float per text"),
+        (["--judge", "no_such_module_xyz:judge"], "--judge no_such_module_xyz:judge: importing no_such_module_xyz"),
+        (["--pairs", "0"], "--pairs must be positive"),
+    ]  # fmt: skip
+    for extra, expected in cases:
+        code = train_reward_model.cli(["--tiny", "--device", "cpu", "--output-dir", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        lines = [line for line in err if line.startswith("error")]  # the progress bar shares stderr
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (extra, err)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("hello")
+    code, err = run_cli(["--tiny", "--device", "cpu", "--reward-model", str(not_a_model), "--output-dir",
+                         str(tmp_path / "run")], capsys)  # fmt: skip
+    assert code == 2 and len(err) == 1 and f"could not load reward model '{not_a_model}'" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
 # Robustness: one-line errors, faults, Ctrl-C and exact resume
 # ---------------------------------------------------------------------------------------------
 
@@ -994,8 +1170,8 @@ def local_args(world, out, *extra):
         (["--device", "xpu"], "this code runs on cpu, cuda or mps, not on xpu"),
         (["--device", "meta"], "this code runs on cpu, cuda or mps, not on meta"),
         (["--eval-prompts", "-1"], "--eval-prompts must not be negative"),
-        (["--tiny"], "--tiny builds its own policy, reward model and prompts, so --model and --reward-model and "
-                     "--dataset would be ignored: drop them, or drop --tiny"),
+        (["--tiny"], "--tiny builds its own policy and prompts, so --model and --dataset would be ignored: "
+                     "drop them, or drop --tiny"),
     ],
 )
 @slow

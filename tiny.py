@@ -22,6 +22,7 @@ used only if its `world.json` carries this WORLD_VERSION, and is rebuilt otherwi
 """
 
 import json
+import math
 import os
 import random
 import shutil
@@ -104,6 +105,25 @@ def fluency(texts) -> float:
     return sum(map(is_fluent, texts)) / len(texts)
 
 
+def sentiment(text: str) -> int:
+    """Positive minus negative words, as the grammar defines them ("loved" and "liked" count too)."""
+    words = text.split()
+    return sum(w in POSITIVE or w in LIKED for w in words) - sum(w in NEGATIVE or w in DISLIKED for w in words)
+
+
+def judge(texts) -> list:
+    """The world's raters: a gold score g per text, g = 4·[fluent] + 2·tanh(sentiment / 2).
+
+    Fluent text beats disfluent whatever its words (the 4 is more than the 2·tanh can make up),
+    then more positive beats less, with less to gain from each further positive word. It reads
+    the grammar itself, not the classifier, so it has none of the classifier's blind spots: a
+    pile of positive words ("great great superb") is disfluent and scores low. Labels drawn with
+    σ(g₁ − g₂) (reward_model.preference_probability) are as noisy as people: two fluent texts one
+    positive word apart get the same label about 7 times in 10.
+    """
+    return [4.0 * is_fluent(t) + 2.0 * math.tanh(sentiment(t) / 2) for t in texts]
+
+
 def sample_review(rng: random.Random):
     """A random review of the language and its sentiment (#positive − #negative words).
 
@@ -111,17 +131,15 @@ def sample_review(rng: random.Random):
     the corpus holds positive, negative and mixed reviews.
     """
     p = rng.random()
-    words, sentiment = [], 0
+    words = []
     for _ in range(rng.randint(1, 3)):
         state = "S"
         while True:
             state, phrase = _step(rng, state, p, len(words))
             words += phrase.split()
-            sentiment += sum(w in POSITIVE or w in LIKED for w in phrase.split())
-            sentiment -= sum(w in NEGATIVE or w in DISLIKED for w in phrase.split())
             if phrase == ".":
                 break
-    return " ".join(words), sentiment
+    return " ".join(words), sentiment(" ".join(words))
 
 
 def _step(rng, state, p, length):

@@ -1,0 +1,37 @@
+"""The command line of both entry points (ppo_rlhf.py, train_reward_model.py), built from their
+config dataclasses: one flag per field, its help text from the field, grouped under headings.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import field
+
+
+def arg(default, help: str):
+    """A config field with its default and the help text its flag shows."""
+    return field(default=default, metadata={"help": help})
+
+
+def parse_config(config_class, argv, description: str, groups: dict, tiny_overrides: dict):
+    """The config the command line asks for: the class's defaults, then, with --tiny,
+    `tiny_overrides`, then the flags given (a flag given always wins over --tiny).
+
+    Args:
+        config_class: a dataclass whose fields are built with `arg`; a bool field becomes
+            `--name` / `--no-name`.
+        argv: the arguments, or None for sys.argv.
+        description: the first line of --help.
+        groups: {first field of a group: its heading in --help}, in the order of the fields.
+        tiny_overrides: the fields --tiny sets.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    group = parser
+    for f in dataclasses.fields(config_class):
+        if f.name in groups:
+            group = parser.add_argument_group(groups[f.name])
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        # SUPPRESS keeps flags that were not given out of the result, so --tiny can fill them.
+        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default: {f.default})", **kind)  # fmt: skip
+    given = vars(parser.parse_args(argv))
+    return dataclasses.replace(config_class(), **{**(tiny_overrides if given.get("tiny") else {}), **given})
