@@ -66,6 +66,7 @@ def offline_if_hub_unreachable(*names, timeout: float = 3.0) -> None:
     from huggingface_hub import constants
 
     proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    names = [n for n in names if n and not is_function_spec(n)]  # a Python function needs no Hub
     if constants.HF_HUB_OFFLINE or all(os.path.exists(n) for n in names) or any(map(os.environ.get, proxies)):
         return
     url = urllib.parse.urlparse(constants.ENDPOINT)
@@ -212,11 +213,18 @@ def load_table(dataset: str, split: str):
     return data
 
 
+def is_function_spec(spec: str) -> bool:
+    """Whether a scorer is named as a Python function (`path/to/file.py:name`, `module:name`)
+    rather than as a classifier (a Hub id or a folder, which never end in `:name`)."""
+    return ":" in spec and not os.path.isdir(spec) and spec.rpartition(":")[2].isidentifier()
+
+
 def load_scorer(spec: str, label: str, batch_size: int, device, flag: str):
     """A score function (B texts → (B,) tensor) from either form a reward can take: a Python
     function (`path/to/file.py:name` or `module:name`) or a text classifier (a Hub id or folder)."""
-    function = ":" in spec and not os.path.isdir(spec) and spec.rpartition(":")[2].isidentifier()
-    return load_reward_fn(spec, flag) if function else load_score_fn(spec, label, batch_size, device, flag[2:])
+    if is_function_spec(spec):
+        return load_reward_fn(spec, flag)
+    return load_score_fn(spec, label, batch_size, device, flag[2:].replace("-", " "))
 
 
 def load_review_texts(dataset: str, split: str, text_column: str, min_chars: int) -> list:

@@ -373,7 +373,7 @@ def main(cfg: Config) -> list:
     with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
         model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
     reward_model = cfg.reward_model if learned else reward_model
-    offline_if_hub_unreachable(model, dataset, *([] if cfg.reward_fn else [reward_model]))
+    offline_if_hub_unreachable(model, dataset, cfg.reward_fn or reward_model, gold)
     reward = f"the function {cfg.reward_fn}" if cfg.reward_fn else f"the reward model from {reward_model}"
     print(f"loading the policy from {model}, {reward}, prompts from {dataset}" + (f"; gold: {gold}" if gold else ""))
     policy, tokenizer = load_policy_and_tokenizer(model, device)

@@ -1073,19 +1073,33 @@ def test_a_reward_model_learns_a_handful_of_pairs_and_ppo_scores_with_it(world, 
 
 
 @slow
-def test_synthetic_pairs_are_judged_with_label_noise_and_held_out_on_new_prompts(tmp_path, capsys):
-    """--tiny: the policy answers each prompt twice, tiny.judge scores both, the label is drawn
-    from σ(g₁ − g₂); eval.json says how often the judge itself agrees with those labels."""
+def test_against_a_learned_reward_the_kl_penalty_holds_off_overoptimization(tmp_path):
+    """All three steps in the tiny world, seed 0 (overoptimization.py runs seeds 0–2). Step 2 as
+    the README runs it: the policy answers each prompt twice, tiny.judge scores both, the label
+    is drawn from σ(g₁ − g₂); the reward model beats chance on held-out prompts. Step 3 against
+    it: with the KL penalty proxy and gold rise; without it the proxy rises further while the
+    gold falls back from its peak, ending below the KL-on run's. (Whether that peak comes after
+    the start depends on the seed and on the CPU's rounding: the README says what was seen.)"""
     import train_reward_model
 
-    out = tmp_path / "rm"
-    code = train_reward_model.cli(["--tiny", "--device", "cpu", "--pairs", "64", "--heldout-pairs", "32", "--epochs",
-                                   "1", "--output-dir", str(out)])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    result = json.load(open(out / "eval.json"))
-    assert (result["pairs_train"], result["pairs_heldout"], result["judge"]) == (64, 32, "tiny:judge")
-    assert 0.5 < result["judge_heldout_accuracy"] < 1  # labels agree with the judge more often than not, not always
-    assert abs(result["heldout_reward_std"] - 1) < 0.5  # normalized on the policy's samples
+    rm = tmp_path / "rm"
+    assert train_reward_model.cli(["--tiny", "--device", "cpu", "--output-dir", str(rm)]) == 0
+    result = json.load(open(rm / "eval.json"))
+    assert (result["pairs_train"], result["pairs_heldout"], result["judge"]) == (4000, 400, "tiny:judge")
+    assert 0.6 < result["judge_heldout_accuracy"] < 0.8  # noisy labels: the judge agrees with most, not all
+    assert result["heldout_accuracy"] > 0.6  # measured 0.652 (chance: 0.5)
+    assert abs(result["heldout_reward_std"] - 1) < 0.2  # normalized on the policy's samples
+    runs = {}
+    for name, kl in [("on", {}), ("off", dict(init_kl_coef=0.0, adaptive_kl=False))]:
+        log = ppo_rlhf.main(cpu_tiny(reward_model=str(rm), lr=1e-4, sample_every=0, eval_prompts=0,
+                                     output_dir=str(tmp_path / name), **kl))  # fmt: skip
+        gold = [sum(r["gold_score"] for r in log[i : i + 5]) / 5 for i in range(0, 50, 5)]  # 5-step means
+        runs[name] = dict(proxy=sum(r["score"] for r in log[-5:]) / 5 - sum(r["score"] for r in log[:5]) / 5,
+                          gold_first=gold[0], gold_peak=max(gold), gold_last=gold[-1])  # fmt: skip
+    on, off = runs["on"], runs["off"]
+    assert on["proxy"] > 0.3 and on["gold_last"] > on["gold_first"], runs  # both rise
+    assert off["proxy"] > on["proxy"] and off["gold_last"] < on["gold_last"] - 1, runs  # the proxy is gamed
+    assert off["gold_last"] < off["gold_peak"] - 1, runs  # the gold falls back from its own peak
 
 
 BAD_JUDGES = """

@@ -11,7 +11,7 @@ policy answers each prompt twice, and a judge standing for the raters scores bot
 judge is never asked which is better; the label is drawn with the Bradley–Terry probability
 σ(g₁ − g₂), so two answers the judge finds alike are a coin toss, as they are for people.
 
-    1. pairs      two responses of the starting policy to each prompt   (`sample_pairs`)
+    1. pairs      two responses of the starting policy to each prompt   (`sample_responses`)
     2. labels     the judge's scores, and a label drawn from σ(g₁ − g₂)  (reward_model.preference_probability)
     3. train      Bradley–Terry loss + centering, shuffled minibatches  (reward_model.bradley_terry_loss)
     4. evaluate   rescale to rewards of std 1 on the policy's samples     (reward_model.normalize_head),
@@ -98,26 +98,26 @@ def check_config(cfg: Config) -> None:
                           "drop them, or drop --tiny")  # fmt: skip
 
 
-def sample_pairs(policy, tokenizer, queries, cfg: Config, device, prompts_per_call: int = 128):
-    """Two responses of the policy to each query, sampled as ppo_rlhf.py's rollout samples them:
-    pure sampling (the loaded generation config), a length drawn per response from
+def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 2, prompts_per_call: int = 128):
+    """`per_prompt` responses of the policy to each query, sampled as ppo_rlhf.py's rollout samples
+    them: pure sampling (the loaded generation config), a length drawn per response from
     [response_min_len, response_max_len], cut after an EOS.
 
     Returns:
-        texts_a, texts_b: the query + first response, the query + second response, one per query.
+        texts: query + response, the `per_prompt` answers to a query in consecutive places.
     """
     texts = []
     for i in range(0, len(queries), prompts_per_call):
-        rows = [q for q in queries[i : i + prompts_per_call] for _ in range(2)]  # each query twice, side by side
-        query_ids, query_mask = left_pad(rows, tokenizer.pad_token_id, device)  # (2b, Q)
-        lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (len(rows),))  # (2b,)
+        rows = [q for q in queries[i : i + prompts_per_call] for _ in range(per_prompt)]  # side by side
+        query_ids, query_mask = left_pad(rows, tokenizer.pad_token_id, device)  # (R, Q)
+        lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (len(rows),))  # (R,)
         with torch.no_grad():
             out = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(),
-                                  max_new_tokens=int(lengths.max()))  # (2b, Q + T)  # fmt: skip
-        responses = out[:, query_ids.shape[1] :].cpu()  # (2b, T); after an EOS, padding (EOS again)
+                                  max_new_tokens=int(lengths.max()))  # (R, Q + T)  # fmt: skip
+        responses = out[:, query_ids.shape[1] :].cpu()  # (R, T); after an EOS, padding (EOS again)
         ids = [q + r[:n].tolist() for q, r, n in zip(rows, responses, lengths.tolist())]
         texts += tokenizer.batch_decode(ids, skip_special_tokens=True)  # special tokens (EOS, pads) dropped
-    return texts[0::2], texts[1::2]
+    return texts
 
 
 def rewards_of(reward_model, tokenizer, texts, device) -> torch.Tensor:
@@ -140,11 +140,8 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
-    judge = None
-    if not cfg.preferences:  # a bad --judge fails before any work
-        offline_if_hub_unreachable(model, dataset, cfg.judge)
-        judge = load_scorer(cfg.judge, cfg.judge_label, 64, device, "--judge")
-    offline_if_hub_unreachable(model, *([cfg.preferences] if cfg.preferences else []))
+    offline_if_hub_unreachable(model, *([cfg.preferences] if cfg.preferences else [dataset, cfg.judge]))
+    judge = None if cfg.preferences else load_scorer(cfg.judge, cfg.judge_label, 64, device, "--judge")  # fails early
     policy, tokenizer = load_policy_and_tokenizer(model, device)
     n = cfg.pairs + cfg.heldout_pairs
 
@@ -159,8 +156,8 @@ def main(cfg: Config) -> dict:
         n_held = min(cfg.heldout_pairs, len(chosen) // 2)
         g_chosen = g_rejected = None
     else:
-        texts = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
-        queries = build_queries(texts, tokenizer, cfg.query_min_len, cfg.query_max_len, torch.Generator().manual_seed(cfg.seed))
+        reviews = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
+        queries = build_queries(reviews, tokenizer, cfg.query_min_len, cfg.query_max_len, torch.Generator().manual_seed(cfg.seed))
         random.Random(cfg.seed).shuffle(queries)
         if len(queries) <= cfg.heldout_pairs:
             raise ConfigError(f"only {len(queries)} prompts, not more than --heldout-pairs {cfg.heldout_pairs}: "
@@ -168,7 +165,8 @@ def main(cfg: Config) -> dict:
         held, train = queries[: cfg.heldout_pairs], queries[cfg.heldout_pairs :]  # held-out prompts: never trained on
         train = [train[i % len(train)] for i in range(cfg.pairs)]  # a prompt may come back, with new responses
         print(f"sampling {2 * n} responses of {model} to {n} prompts")
-        texts_a, texts_b = sample_pairs(policy, tokenizer, held + train, cfg, device)
+        texts = sample_responses(policy, tokenizer, held + train, cfg, device)
+        texts_a, texts_b = texts[0::2], texts[1::2]  # the two answers to each prompt
         n_held = len(held)
 
         # 2. labels: the judge scores both responses; a wins with probability σ(g_a − g_b)
@@ -186,6 +184,7 @@ def main(cfg: Config) -> dict:
     reward_model.config.pad_token_id = tokenizer.pad_token_id  # how the saved classifier finds the last token
     reward_model.config.id2label, reward_model.config.label2id = {0: "REWARD"}, {"REWARD": 0}
     tokenizer.padding_side = "right"  # absolute positions (GPT-2) start at 0 on every row; saved with the model
+    tokenizer.model_max_length = min(tokenizer.model_max_length, reward_model.config.max_position_embeddings)
     optimizer = torch.optim.Adam(reward_model.parameters(), lr=cfg.lr)
     shuffle = random.Random(cfg.seed + 1)
     steps = cfg.epochs * -(-len(train_pairs) // cfg.batch_size)
