@@ -4,6 +4,7 @@
     python bench.py --shape gpt2 --batch-size 16                 # GPT-2 small, 124M parameters
     python bench.py --shape gpt2 --batch-size 128 --device cuda --dtype bf16
     python bench.py --shape tiny --advantage-estimator grpo      # no critic, K = 4 responses per prompt
+    python bench.py --shape gpt2 --batch-size 16 --lora-rank 16  # LoRA adapters instead of every weight
 
 Each iteration is one call of `ppo_rlhf.ppo_step`, the very code the training loop runs:
 rollout (one `generate` call), score, policy + reference forward, PPO update. The speed of these
@@ -30,7 +31,9 @@ Reported, as medians over `--iters` iterations after `--warmup`:
   multiply-add; backward = 2 × forward) on the positions the code computes: in `generate` the
   padded batch; in the packed forward passes the transformer on real tokens and the LM head on
   real response tokens only; the classifier on its tokens. Attention scores
-  (under 1% at these lengths) and element-wise work are not counted.
+  (under 1% at these lengths) and element-wise work are not counted. With `--lora-rank` the
+  count is the full fine-tune's: the frozen weights skip their weight-gradient matmuls, so the
+  update does up to a third less than counted.
 """
 
 import argparse
@@ -94,7 +97,8 @@ def build(shape: str, device, cfg, attn: str = ""):
 
 def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> float:
     """Matmul FLOPs of one iteration, from the shapes the iteration actually had."""
-    blocks = sum(p.numel() for p in lm.base_model.h.parameters())  # per-position weights
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # inside peft's wrapper (LoRA)
+    blocks = sum(p.numel() for n, p in lm.base_model.h.named_parameters() if "lora_" not in n)  # per-position weights
     head = lm.get_output_embeddings().weight.numel()  # V · H
     B, Q = trace["query_ids"].shape
     T = trace["response_ids"].shape[1]
@@ -141,13 +145,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="", help="attention kernel (default: SDPA, as ppo_rlhf.py)")
     parser.add_argument("--advantage-estimator", choices=ppo_rlhf.ESTIMATORS, default="gae")
     parser.add_argument("--group-size", type=int, default=0, help="K responses per prompt; 0: 1 for gae, 4 otherwise")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (lora.py); 0: full fine-tune")
+    parser.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA α; 0 = 2 × rank")
     args = parser.parse_args(argv)
 
     device = loading.resolve_device(args.device, args.dtype)
     cfg = ppo_rlhf.Config(
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size or args.batch_size,
         ppo_epochs=args.ppo_epochs, device=str(device), dtype=args.dtype, seed=args.seed,
-        advantage_estimator=args.advantage_estimator, group_size=args.group_size,
+        advantage_estimator=args.advantage_estimator, group_size=args.group_size, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
     )  # fmt: skip
     cfg.validate()
     loading.seed_everything(args.seed)
@@ -195,7 +202,8 @@ def main(argv=None) -> dict:
         "samples_per_s": cfg.batch_size / median["iteration"], "tokens_per_s": median["tokens"] / median["iteration"],
         "iteration_tflop": median["flops"] / 1e12, "achieved_gflops": median["flops"] / median["iteration"] / 1e9,
         "matmul_peak_gflops": peak / 1e9, "share_of_peak": median["flops"] / median["iteration"] / peak,
-        "peak_memory_gib": memory_gb, "torch": torch.__version__,
+        "peak_memory_gib": memory_gb, "torch": torch.__version__, "lora_rank": cfg.lora_rank,
+        "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
     }  # fmt: skip
     print(f"PPO iteration ({cfg.advantage_estimator}, K={cfg.responses_per_prompt}), {args.shape} shape, "
           f"batch {cfg.batch_size}/{cfg.mini_batch_size}, "
@@ -206,7 +214,7 @@ def main(argv=None) -> dict:
     print(f"  {result['samples_per_s']:.1f} samples/s, {result['tokens_per_s']:.0f} tokens/s, "
           f"{result['iteration_tflop']:.3f} TFLOP/iteration at {result['achieved_gflops']:.1f} GFLOP/s = "
           f"{result['share_of_peak']:.1%} of a {result['matmul_peak_gflops']:.0f} GFLOP/s matmul peak; "
-          f"peak memory {memory_gb:.2f} GiB")  # fmt: skip
+          f"peak memory {memory_gb:.2f} GiB; {result['trainable_params']:,} trainable parameters")  # fmt: skip
     print(json.dumps(result))
     return result
 

@@ -5,6 +5,8 @@ A checkpoint is the output folder itself:
     config.json, model.safetensors,     the policy, as Hugging Face saves it: loads with
     tokenizer files                     `AutoModelForCausalLM.from_pretrained(dir)`
     value_head.pt                       the value head's weights (tensors only)
+    adapter/                            with --lora-rank: the adapter in peft's format; the
+                                        weights above are then the merged model (lora.py)
     trainer_state.pt                    tensors only: Adam's state, torch's random states (the
                                         CPU's and the run's device's), the data order
     trainer_state.json                  the rest, as JSON: format, step, config, β, world size,
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 import distributed
+import lora
 from errors import ConfigError, first_line
 from value_head import CausalLMWithValueHead
 
@@ -116,20 +119,21 @@ def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt
         return
     scratch = os.path.join(cfg.output_dir, SCRATCH)
     shutil.rmtree(scratch, ignore_errors=True)
-    policy.save_pretrained(scratch)
+    lora.save(policy, scratch) if lora.is_lora(policy) else policy.save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)
     state = dict(optimizer=optimizer.state_dict(), torch_rng=list(tensors), prompt_rng=prompt_rng.get_state(),
                  order=order)  # fmt: skip
     torch.save(state, os.path.join(scratch, TRAINER_STATE))
-    names = sorted(os.listdir(scratch))
+    names = sorted(os.path.relpath(os.path.join(top, f), scratch) for top, _, files in os.walk(scratch) for f in files)
     manifest = dict(format=FORMAT, step=step, config=dataclasses.asdict(cfg), kl_coef=kl_ctl.value,
                     world_size=len(plain), rng=list(plain),
                     files={name: _sha256(os.path.join(scratch, name)) for name in names})  # fmt: skip
     with open(os.path.join(scratch, MANIFEST), "w") as f:
         json.dump(manifest, f)
     for name in names + [MANIFEST]:  # the manifest last: it says which files belong together
+        os.makedirs(os.path.dirname(os.path.join(cfg.output_dir, name)), exist_ok=True)  # DIR/adapter (LoRA)
         os.replace(os.path.join(scratch, name), os.path.join(cfg.output_dir, name))
-    os.rmdir(scratch)
+    shutil.rmtree(scratch)
 
 
 def read_manifest(directory: str) -> dict:
@@ -213,8 +217,10 @@ def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
         raise ConfigError(f"--resume {directory}: the run was saved by {state['world_size']} process(es), this "
                           f"is {distributed.world_size()}: resume with the same number (torchrun --nproc_per_node)")
     try:  # safetensors, and value_head.pt through weights_only: no code runs either way
-        saved = CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM)
-        policy.load_state_dict(saved.state_dict())
+        if lora.is_lora(policy):  # the adapter and the value head; the frozen weights are --model's
+            lora.load_trainable(policy, directory)
+        else:
+            policy.load_state_dict(CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM).state_dict())
     except Exception as e:
         why = f"{type(e).__name__}: {first_line(e, 100)}"
         raise ConfigError(f"{directory}: the saved policy can't be loaded ({why})") from None

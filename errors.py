@@ -74,7 +74,8 @@ def check_config(cfg, estimators) -> None:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ["steps", "init_kl_coef", "save_every", "sample_every", "eval_prompts", "min_review_chars",
-                 "cliprange", "cliprange_value", "vf_coef", "group_size", "reward_batch_size"]:  # fmt: skip
+                 "cliprange", "cliprange_value", "vf_coef", "group_size", "reward_batch_size", "lora_rank",
+                 "lora_alpha", "lora_dropout"]:  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
     if cfg.batch_size % cfg.mini_batch_size:
@@ -84,6 +85,12 @@ def check_config(cfg, estimators) -> None:
     for name, allowed in (("kl_kind", KL_KINDS), ("dtype", ("fp32", "bf16")), ("advantage_estimator", estimators)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.lora_dropout >= 1:
+        raise ConfigError(f"--lora-dropout must be below 1, got {cfg.lora_dropout}")
+    if cfg.lora_rank:
+        from lora import import_peft
+
+        import_peft()  # one line saying how to install it, before any work
     K = cfg.responses_per_prompt
     if cfg.advantage_estimator != "gae" and K < 2:
         raise ConfigError(f"--advantage-estimator {cfg.advantage_estimator} compares each response with the "

@@ -95,6 +95,10 @@ class Config:
     cliprange: float = arg(0.2, "PPO ratio clip ε")
     cliprange_value: float = arg(0.2, "value clip ε_v around the rollout values")
     vf_coef: float = arg(0.1, "weight of the value loss")
+    lora_rank: int = arg(0, "r: train LoRA adapters (peft) on every linear layer, the reference being the policy "
+                            "with its adapters off (lora.py); 0: train all the weights")
+    lora_alpha: float = arg(0.0, "LoRA α: the adapters' output is scaled by α / r; 0 = 2 × rank")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input, in the update only (the ratio then starts off 1)")
     # run
     steps: int = arg(0, "PPO steps to run; 0 = one pass over the prompts")
     seed: int = arg(0, "seed for python, numpy and torch")
@@ -210,6 +214,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
     B = batch["response_ids"].shape[0]
     critic = cfg.advantage_estimator == "gae"
     totals, n = {}, 0
+    policy.train()  # only --lora-dropout acts: value_head.py set the model's own dropout to 0
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(B).to(batch["response_ids"].device)  # indices where the tensors are: no copy per tensor
         for j, idx in enumerate(order.split(cfg.mini_batch_size)):
@@ -238,6 +243,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
             if minibatch_log is not None:
                 minibatch_log.append(dict(epoch=epoch, idx=idx, logprobs=logprobs.detach(), vpred=vpred.detach(), **stats))
             totals, n = {k: totals.get(k, 0.0) + v for k, v in stats.items()}, n + 1
+    policy.eval()
     return {k: v / n for k, v in totals.items()}
 
 

@@ -1143,6 +1143,106 @@ def test_step_two_bad_input_is_one_line(world, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# LoRA through peft (lora.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_adapters_off_is_exactly_the_reference_and_at_the_start_so_is_the_policy():
+    """B starts at zero, so at the start the adapted policy computes what the reference computes;
+    after the adapters change, switching them off gives back the starting model exactly."""
+    pytest.importorskip("peft")
+    import lora
+
+    lm = random_gpt2(seed=2).eval()
+    start = CausalLMWithValueHead(copy_of(lm))
+    policy = CausalLMWithValueHead(lm)
+    reference = lora.add_lora(policy, rank=4, alpha=8.0, dropout=0.0)
+    q_ids, q_mask, r_ids, r_mask = padded_batch([[5, 6], [7, 8, 9]], [[10, 11, 12], [13]])
+    with torch.no_grad():
+        before = batched_forward_pass(start, q_ids, q_mask, r_ids, r_mask)[0]
+        assert torch.equal(batched_forward_pass(policy, q_ids, q_mask, r_ids, r_mask)[0], before)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.1)  # as training would
+        moved = batched_forward_pass(policy, q_ids, q_mask, r_ids, r_mask)[0]
+        off = batched_forward_pass(reference, q_ids, q_mask, r_ids, r_mask)[0]
+    assert not torch.allclose(moved, before) and torch.equal(off, before)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.startswith("v_head") for n in trainable)
+    assert any("lm_head.lora_A" in n for n in trainable)  # the output layer is adapted too
+
+
+def copy_of(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+@slow
+def test_lora_run_saves_a_merged_model_and_a_peft_adapter_and_resumes_exactly(tmp_path):
+    """--lora-rank 8 on --tiny: no reference copy, step 1's KL is 0, the output folder loads with
+    pipeline("text-generation") (merged) and PeftModel.from_pretrained (adapter) to the same
+    logits, and a run resumed from its step-2 checkpoint writes the uninterrupted run's log."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, pipeline
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = dict(lora_rank=8, lr=1e-3, sample_every=0, eval_prompts=0)
+    log = ppo_rlhf.main(cpu_tiny(steps=4, output_dir=str(straight), **args))
+    assert log[0]["kl"] == 0.0  # adapters at zero: policy = reference, to the bit
+    ppo_rlhf.main(cpu_tiny(steps=2, output_dir=str(resumed), **args))
+    stopped_early(resumed, 4)
+    assert ppo_rlhf.cli(["--resume", str(resumed)]) == 0
+    a, b = checkpoint.read_log(str(straight / "log.jsonl")), checkpoint.read_log(str(resumed / "log.jsonl"))
+    for x, y in zip(a, b):
+        x.pop("time"), y.pop("time")
+        assert x == y
+    assert len(b) == 4
+
+    text = pipeline("text-generation", model=str(straight))("the movie", max_new_tokens=4, do_sample=False)
+    assert text[0]["generated_text"].startswith("the movie")
+    merged = AutoModelForCausalLM.from_pretrained(str(straight)).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.ensure_world()[0]),
+                                        str(straight / "adapter")).eval()  # fmt: skip
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        x, y = merged(ids).logits, adapted(ids).logits
+    assert_close_scaled(x, y, y.abs().max())  # W + (α/r)·B·A, merged or not, up to rounding
+    assert not torch.allclose(x, AutoModelForCausalLM.from_pretrained(tiny.ensure_world()[0])(ids).logits)
+
+
+@slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lora_learns_on_tiny_and_keeps_the_text_fluent(tmp_path, seed):
+    """--tiny --lora-rank 8 at lr 1e-3, as the README runs it (five times the full fine-tune's
+    rate, so that without the penalty it would move as far in 50 steps): the score rises as with
+    a full fine-tune, and the KL penalty keeps the text fluent."""
+    pytest.importorskip("peft")
+    history = ppo_rlhf.main(cpu_tiny(lora_rank=8, lr=1e-3, seed=seed, output_dir=str(tmp_path), sample_every=0,
+                                     eval_prompts=0))  # fmt: skip
+    gain = sum(r["score"] for r in history[-5:]) / 5 - sum(r["score"] for r in history[:5]) / 5
+    fluency = sum(r["fluency"] for r in history[-5:]) / 5
+    assert gain > TINY_MIN_GAIN and fluency >= 0.7, (gain, fluency)
+
+
+@slow
+def test_lora_without_peft_or_with_an_impossible_rank_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    code, err = run_cli(["--tiny", "--device", "cpu", "--lora-rank", "-4", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and err == ["error: --lora-rank must not be negative, got -4"]
+    code, err = run_cli(["--tiny", "--device", "cpu", "--lora-rank", "65", "--steps", "1", "--eval-prompts", "0",
+                         "--output-dir", str(tmp_path)], capsys)  # fmt: skip
+    assert code == 2 and err == ["error: --lora-rank 65 is more than the model's hidden size 64: an adapter's rank is "
+                                 "at most the smaller side of the layer it adapts; try 8 or 16"]  # fmt: skip
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` fail
+    code, err = run_cli(["--tiny", "--device", "cpu", "--lora-rank", "8", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and err == ["error: --lora-rank needs the peft package: pip install peft==0.21.2 (or run "
+                                 "without --lora-rank)"]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # Robustness: one-line errors, faults, Ctrl-C and exact resume
 # ---------------------------------------------------------------------------------------------
 
@@ -1700,9 +1800,13 @@ def test_a_run_saved_on_cuda_resumes_on_the_cpu(tmp_path, capsys):
 def test_on_cuda_bf16_samples_from_pi_old_and_resumes_across_devices(tmp_path):
     """The real run's device, in the tiny world: under bf16 the first minibatch clips nothing
     (rollout, phase 3 and update see one π_old); a run saved on cuda goes on on the CPU and back."""
-    [record] = ppo_rlhf.main(cpu_tiny(device="cuda", dtype="bf16", explain=True, output_dir=str(tmp_path / "x")))
-    first = record["trace"]["minibatches"][0]
-    assert first["pg_clipfrac"] == 0.0 and abs(first["ratio_max"] - 1) < 0.05, first
+    for lora_rank in (0, 8):  # LoRA: the reference is the policy with its adapters off, under bf16 too
+        if lora_rank:
+            pytest.importorskip("peft")
+        [record] = ppo_rlhf.main(cpu_tiny(device="cuda", dtype="bf16", explain=True, lora_rank=lora_rank,
+                                          output_dir=str(tmp_path / f"x{lora_rank}")))  # fmt: skip
+        first = record["trace"]["minibatches"][0]
+        assert first["pg_clipfrac"] == 0.0 and abs(first["ratio_max"] - 1) < 0.05, first
     assert record["trace"]["response_ids"].device.type == "cuda"
     out = tmp_path / "run"
     ppo_rlhf.main(cpu_tiny(device="cuda", steps=2, output_dir=str(out), eval_prompts=4, sample_every=0))

@@ -57,6 +57,8 @@ def fp32_linear(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         logits: (..., V) fp32.
     """
     with torch.autocast(hidden.device.type, enabled=False):
+        if head.weight.dtype == torch.float32:  # the head's own forward, so a LoRA-adapted head adds its part
+            return type(head).forward(head, hidden.float())  # (..., V); the class's: generate patches the instance's
         bias = None if head.bias is None else head.bias.float()
         return F.linear(hidden.float(), head.weight.float(), bias)  # (..., V)
 
@@ -102,7 +104,8 @@ class CausalLMWithValueHead(nn.Module):
             logits: (K, V), or (R, N, V) without `keep`; fp32.
             values: (K,), or (R, N) without `keep`; fp32.
         """
-        hidden = self.lm.base_model(
+        lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # inside a peft (LoRA) wrapper
+        hidden = lm.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (R, N, H)
         if keep is not None:
