@@ -102,7 +102,7 @@ class Config:
     # run
     steps: int = arg(0, "PPO steps to run; 0 = one pass over the prompts")
     seed: int = arg(0, "seed for python, numpy and torch")
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    device: str = arg("auto", "auto, cpu, cuda, cuda:N, or mps (Apple silicon; untested)")
     dtype: str = arg("fp32", "fp32, or bf16 autocast for the transformer (heads, log-probs and losses stay fp32)")
     reward_batch_size: int = arg(0, "texts per reward-model forward pass; 0 = 16 on a CPU, 128 on a GPU")
     output_dir: str = arg("runs/ppo", "where log.jsonl, samples.md, curves.png and the checkpoint go")

@@ -121,7 +121,9 @@ def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 
 
 
 def rewards_of(reward_model, tokenizer, texts, device) -> torch.Tensor:
-    """(B,) rewards: the head's output at every position, read at each text's last real token."""
+    """(B,) rewards: the head's output at every position, read at each text's last real token
+    (reward_model.last_token_rewards). `score` is the head of transformers' classifiers built on
+    a causal LM (GPT-2's, Llama's, ...): the one whose logit the saved model's pipeline returns."""
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)  # right-padded
     hidden = reward_model.base_model(**batch).last_hidden_state  # (B, L, H)
     per_token = reward_model.score(hidden).squeeze(-1).float()  # (B, L)
