@@ -22,8 +22,8 @@ model that has Conv1D layers. GPT-2's LM head shares its weight with the token e
 head's adapter changes the output side only (the embedding of the input tokens stays W), so
 the merged model unties the two, its head W + (α/r)·B·A, its embedding W. The head matters: in
 the --tiny world a full fine-tune with the (tied) embedding frozen gained +0.14 in 50 steps
-instead of +0.81, and LoRA on the transformer's layers alone gained no more (+0.1 to +0.4 at
-every lr tried). The value head is trained in full, on the adapted transformer.
+instead of +0.81, and LoRA on the transformer's layers alone gained at most +0.37 at every
+setting tried (README, "LoRA"). The value head is trained in full, on the adapted transformer.
 
 What is saved (checkpoint.py): the merged model (W + (α/r)·B·A, a plain causal LM that
 `from_pretrained` and `pipeline("text-generation")` load), the adapter in peft's own format in
