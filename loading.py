@@ -92,16 +92,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_policy_and_tokenizer(model: str, device):
-    """The policy with its value head, and the tokenizer, padding queries on the left."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model: str):
+    """The policy's tokenizer, padding queries on the left, with a pad token."""
+    from transformers import AutoTokenizer
 
     with load_errors_as_config_error("model", model):
         tokenizer = AutoTokenizer.from_pretrained(model)
-        policy = CausalLMWithValueHead.from_pretrained(model, AutoModelForCausalLM)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks tell pads apart
     tokenizer.padding_side = "left"  # one generate call: every query ends in the same column
+    return tokenizer
+
+
+def load_policy_and_tokenizer(model: str, device):
+    """The policy with its value head, and the tokenizer (`load_tokenizer`)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model)
+    with load_errors_as_config_error("model", model):
+        policy = CausalLMWithValueHead.from_pretrained(model, AutoModelForCausalLM)
     policy.lm.generation_config = pure_sampling(tokenizer)
     return policy.to(device), tokenizer
 
@@ -133,7 +142,7 @@ def load_score_fn(reward_model: str, label: str, batch_size: int, device, what: 
         label = labels[0]
     if label not in labels:
         raise ConfigError(
-            f"reward model {reward_model} has no label {label!r}; its labels are {labels}: "
+            f"{what} {reward_model} has no label {label!r}; its labels are {labels}: "
             "choose one with --reward-label"
         )
     return pipeline_scorer(classifier, label, batch_size)

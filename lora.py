@@ -82,10 +82,11 @@ def add_lora(policy, rank: int, alpha: float, dropout: float) -> AdaptersOff:
     if rank > hidden:
         raise ConfigError(f"--lora-rank {rank} is more than the model's hidden size {hidden}: an adapter's rank "
                           "is at most the smaller side of the layer it adapts; try 8 or 16")  # fmt: skip
-    linear = {name.rpartition(".")[2] for name, m in lm.named_modules() if isinstance(m, nn.Linear) or
+    layers = {name: type(m).__name__ for name, m in lm.named_modules() if isinstance(m, nn.Linear) or
               type(m).__name__ == "Conv1D"}  # GPT-2: c_attn, c_proj, c_fc (Conv1D) and lm_head  # fmt: skip
-    conv1d = any(type(m).__name__ == "Conv1D" for m in lm.modules())
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(linear),
+    targets = sorted({name.rpartition(".")[2] for name in layers})
+    conv1d = "Conv1D" in layers.values()
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              fan_in_fan_out=conv1d, task_type="CAUSAL_LM")  # fmt: skip
     with warnings.catch_warnings():  # two notes from peft that the card above answers:
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True but the target module")  # lm_head

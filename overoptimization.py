@@ -8,15 +8,16 @@ which the reward model learned from and which no run trains on. The experiment:
 
     1. step 2            reward models from each of --pairs judged pairs (the default of
                          `train_reward_model.py --tiny` among them)
-    2. step 3 per β      PPO against each reward model for each KL coefficient β in --betas
+    2. best-of-n         n responses of the starting policy, the proxy's favourite kept; no
+                         training, and KL(best-of-n ‖ policy) = log n − (n − 1)/n exactly; its
+                         n = 1 row (the starting policy's scores) is every curve's origin
+    3. step 3 per β      PPO against each reward model for each KL coefficient β in --betas
                          (fixed; "adaptive" is the default controller from 0.2), logging both
                          scores: `score` (the proxy) and `gold_score` (the judge)
-    3. the claims        KL on (the default) against KL off (β = 0), on every seed in --seeds,
+    4. the fits          Gao et al.'s forms in d = √KL, R = gold − gold at the start:
+                         best-of-n R(d) = d·(α − β·d), RL (β = 0) R(d) = d·(α − β·ln d)
+    5. the claims        KL on (the default) against KL off (β = 0), on every seed in --seeds,
                          against the reward model of `train_reward_model.py --tiny`
-    4. best-of-n         n responses of the starting policy, the proxy's favourite kept; no
-                         training, and KL(best-of-n ‖ policy) = log n − (n − 1)/n exactly
-    5. the fits          Gao et al.'s forms in d = √KL, R = gold − gold at the start:
-                         best-of-n R(d) = d·(α − β·d), RL R(d) = d·(α − β·ln d)
     6. the picture       Δproxy and Δgold against √KL, one panel per reward model
 
 Results, with every curve's numbers, go to `<output-dir>/results.json`.
@@ -63,6 +64,8 @@ def best_of_n(reward_dir: str, n_max: int, prompts: int, seed: int) -> list:
         rows.append(dict(n=n, kl=math.log(n) - (n - 1) / n, proxy=p.gather(-1, best).mean().item(),
                          gold=g.gather(-1, best).mean().item()))  # fmt: skip
         n *= 2
+    for row in rows:  # the change from n = 1, the starting policy
+        row.update(proxy_change=row["proxy"] - rows[0]["proxy"], gold_change=row["gold"] - rows[0]["gold"])
     return rows
 
 
@@ -99,11 +102,12 @@ def draw(results: dict, path: str) -> None:
             ax.plot(d, run["proxy"], color=color, linestyle="--", linewidth=1, label="proxy")
         bon = rm["best_of_n"]
         d = np.sqrt([r["kl"] for r in bon])
-        ax.plot(d, [r["gold"] - bon[0]["gold"] for r in bon], "k-o", markersize=3, label="best-of-n: gold")
-        ax.plot(d, [r["proxy"] - bon[0]["proxy"] for r in bon], "k--o", markersize=3, linewidth=1, label="proxy")
-        for form, style in (("bon", ":"), ("rl", "-.")):
-            f = rm["fits"][form]
-            grid = np.linspace(0.01, max(np.sqrt(max(rm["ppo"]["0"]["kl"])), d[-1]), 100)
+        ax.plot(d, [r["gold_change"] for r in bon], "k-o", markersize=3, label="best-of-n: gold")
+        ax.plot(d, [r["proxy_change"] for r in bon], "k--o", markersize=3, linewidth=1, label="proxy")
+        d_max = max([d[-1]] + [np.sqrt(max(max(run["kl"]), 0)) for run in rm["ppo"].values()])
+        for form, f in rm["fits"].items():
+            style = ":" if form == "bon" else "-."
+            grid = np.linspace(0.01, d_max, 100)
             shape = grid if form == "bon" else np.log(grid)
             ax.plot(grid, grid * (f["alpha"] - f["beta"] * shape), color="gray", linestyle=style, linewidth=1,
                     label=f"fit, {'best-of-n' if form == 'bon' else 'RL β=0'}")  # fmt: skip
@@ -142,21 +146,21 @@ def main(argv=None) -> dict:
         rm_cfg = dict(train_reward_model.TINY_OVERRIDES, pairs=pairs, output_dir=rm_dir, device="cpu")
         evaluation = train_reward_model.main(train_reward_model.Config(**rm_cfg))
         rm = results["reward_models"][str(pairs)] = dict(pairs=pairs, **evaluation, ppo={})
-        # 4. best-of-n; its n = 1 row (4096 samples of the starting policy) is every curve's origin
+        # 2. best-of-n; its n = 1 row (4096 samples of the starting policy) is every curve's origin
         bon = rm["best_of_n"] = best_of_n(rm_dir, args.best_of, 64, args.seeds[0])
         start = {PROXY: bon[0]["proxy"], GOLD: bon[0]["gold"]}
-        # 2. step 3 for each β, seed 0
+        # 3. step 3 for each β, seed 0
         for beta in args.betas:
             log = ppo_run(rm_dir, os.path.join(out, f"ppo-{pairs}-beta{beta}"), args.seeds[0], beta, args.lr, args.steps)
             rm["ppo"][beta] = {k: smooth([r[key] - start[key] for r in log]) for k, key in (("proxy", PROXY), ("gold", GOLD))}
             rm["ppo"][beta].update(kl=smooth([r["kl"] for r in log]), raw=[{k: r[k] for k in ("step", PROXY, GOLD, "kl",
                                    "fluency")} for r in log])  # fmt: skip
-        # 5. the fits
-        rl = rm["ppo"]["0"]
-        rm["fits"] = dict(bon=fit(np.sqrt([r["kl"] for r in bon]), [r["gold"] - bon[0]["gold"] for r in bon], "bon"),
-                          rl=fit(np.sqrt(np.maximum(rl["kl"], 1e-9)), rl["gold"], "rl"))  # fmt: skip
+        # 4. the fits: best-of-n, and RL without the KL penalty (when β = 0 is among --betas)
+        rm["fits"] = dict(bon=fit(np.sqrt([r["kl"] for r in bon]), [r["gold_change"] for r in bon], "bon"))
+        if "0" in rm["ppo"]:
+            rm["fits"]["rl"] = fit(np.sqrt(np.maximum(rm["ppo"]["0"]["kl"], 1e-9)), rm["ppo"]["0"]["gold"], "rl")
 
-    # 3. the claims: KL on (adaptive, the default) against KL off, on every seed, against the default model
+    # 5. the claims: KL on (adaptive, the default) against KL off, on every seed, against the default model
     rm_dir = os.path.join(out, f"rm-{default}")
     for seed in args.seeds:
         row = dict(seed=seed)
@@ -184,8 +188,9 @@ def main(argv=None) -> dict:
         json.dump(results, f, indent=1)
     for name, rm in results["reward_models"].items():
         fits = rm["fits"]
-        print(f"{name} pairs: held-out accuracy {rm['heldout_accuracy']:.3f}; fitted gold peak at √KL = "
-              f"{fits['bon']['peak_d']} (best-of-n), {fits['rl']['peak_d']} (RL, β = 0)")  # fmt: skip
+        peaks = ", ".join(f"{f['peak_d']} ({'best-of-n' if form == 'bon' else 'RL, β = 0'})" for form, f in fits.items())
+        print(f"{name} pairs: held-out accuracy {rm['heldout_accuracy']:.3f}; fitted gold peak at √KL = {peaks}")
+    # 6. the picture
     draw(results, args.picture)
     return results
 

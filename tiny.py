@@ -118,8 +118,8 @@ def judge(texts) -> list:
     then more positive beats less, with less to gain from each further positive word. It reads
     the grammar itself, not the classifier, so it has none of the classifier's blind spots: a
     pile of positive words ("great great superb") is disfluent and scores low. Labels drawn with
-    σ(g₁ − g₂) (reward_model.preference_probability) are as noisy as people: two fluent texts one
-    positive word apart get the same label about 7 times in 10.
+    σ(g₁ − g₂) (reward_model.preference_probability) are noisy, as people's are: of two fluent,
+    neutral texts, the one with a positive word more is chosen about 7 times in 10 (σ(0.92)).
     """
     return [4.0 * is_fluent(t) + 2.0 * math.tanh(sentiment(t) / 2) for t in texts]
 

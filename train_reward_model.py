@@ -42,7 +42,7 @@ from checkpoint import check_writable
 from command_line import arg, parse_config
 from errors import ConfigError, RunError, load_errors_as_config_error
 from loading import build_queries, left_pad, load_policy_and_tokenizer, load_preference_pairs, load_review_texts
-from loading import load_scorer, offline_if_hub_unreachable, resolve_device, seed_everything
+from loading import load_scorer, load_tokenizer, offline_if_hub_unreachable, resolve_device, seed_everything
 from reward_model import bradley_terry_loss, centering_loss, last_token_rewards, normalize_head, pair_accuracy
 from reward_model import preference_probability
 
@@ -144,7 +144,7 @@ def main(cfg: Config) -> dict:
     model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
     offline_if_hub_unreachable(model, *([cfg.preferences] if cfg.preferences else [dataset, cfg.judge]))
     judge = None if cfg.preferences else load_scorer(cfg.judge, cfg.judge_label, 64, device, "--judge")  # fails early
-    policy, tokenizer = load_policy_and_tokenizer(model, device)
+    tokenizer = load_tokenizer(model)
     n = cfg.pairs + cfg.heldout_pairs
 
     # 1. pairs: a preference dataset's, or two responses of the starting policy to each prompt
@@ -167,7 +167,9 @@ def main(cfg: Config) -> dict:
         held, train = queries[: cfg.heldout_pairs], queries[cfg.heldout_pairs :]  # held-out prompts: never trained on
         train = [train[i % len(train)] for i in range(cfg.pairs)]  # a prompt may come back, with new responses
         print(f"sampling {2 * n} responses of {model} to {n} prompts")
+        policy, _ = load_policy_and_tokenizer(model, device)  # the tokenizer above is the one used and saved
         texts = sample_responses(policy, tokenizer, held + train, cfg, device)
+        del policy  # the reward model is loaded below, from the same folder
         texts_a, texts_b = texts[0::2], texts[1::2]  # the two answers to each prompt
         n_held = len(held)
 
@@ -177,7 +179,6 @@ def main(cfg: Config) -> dict:
         chosen = [a if w else b for a, b, w in zip(texts_a, texts_b, a_wins.tolist())]
         rejected = [b if w else a for a, b, w in zip(texts_a, texts_b, a_wins.tolist())]
         g_chosen, g_rejected = torch.where(a_wins, g_a, g_b), torch.where(a_wins, g_b, g_a)  # (n,)
-    del policy
     train_pairs = list(zip(chosen[n_held:], rejected[n_held:]))
 
     # 3. train: the policy's transformer and a fresh Linear(H, 1) head, on the Bradley–Terry loss

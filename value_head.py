@@ -50,7 +50,9 @@ def fp32_linear(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """`head(hidden)` in fp32 with autocast off, whatever precision the transformer ran in.
 
     Args:
-        head: the LM head (a Linear, possibly tied to the input embeddings).
+        head: the LM head: a Linear, possibly tied to the input embeddings, or one that peft has
+            wrapped with a LoRA adapter (its forward adds the adapter; fp32 weights assumed, as
+            this code loads them).
         hidden: (..., H) hidden states.
 
     Returns:
