@@ -5,6 +5,7 @@
     python bench.py --shape gpt2 --batch-size 128 --device cuda --dtype bf16
     python bench.py --shape tiny --advantage-estimator grpo      # no critic, K = 4 responses per prompt
     python bench.py --shape gpt2 --batch-size 16 --lora-rank 16  # LoRA adapters instead of every weight
+    python bench.py --shape gpt2 --batch-size 128 --row-tokens 0 # phase 3 and the update in one row
 
 Each iteration is one call of `ppo_rlhf.ppo_step`, the very code the training loop runs:
 rollout (one `generate` call), score, policy + reference forward, PPO update. The speed of these
@@ -29,8 +30,8 @@ Reported, as medians over `--iters` iterations after `--warmup`:
   the share of the matmul peak: the iteration's FLOPs over its time, against the best of a few
   large matmuls timed in the same run and dtype. FLOPs count the matmuls only (2 per
   multiply-add; backward = 2 × forward) on the positions the code computes: in `generate` the
-  padded batch; in the packed forward passes the transformer on real tokens and the LM head on
-  real response tokens only; the classifier on its tokens. Attention scores
+  padded batch; in the packed forward passes the transformer on real tokens (not the padding at
+  the end of the rows) and the LM head on real response tokens only; the classifier on its tokens. Attention scores
   (under 1% at these lengths) and element-wise work are not counted. With `--lora-rank` the
   count is the full fine-tune's: the frozen weights skip their weight-gradient matmuls, so the
   update does up to a third less than counted.
@@ -147,6 +148,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--group-size", type=int, default=0, help="K responses per prompt; 0: 1 for gae, 4 otherwise")
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (lora.py); 0: full fine-tune")
     parser.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA α; 0 = 2 × rank")
+    parser.add_argument("--row-tokens", type=int, default=ppo_rlhf.ROW_TOKENS,
+                        help="longest packed row of phase 3 and the update (logprobs.py); 0: one row per batch")
     args = parser.parse_args(argv)
 
     device = loading.resolve_device(args.device, args.dtype)
@@ -154,7 +157,7 @@ def main(argv=None) -> dict:
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size or args.batch_size,
         ppo_epochs=args.ppo_epochs, device=str(device), dtype=args.dtype, seed=args.seed,
         advantage_estimator=args.advantage_estimator, group_size=args.group_size, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
+        lora_alpha=args.lora_alpha, row_tokens=args.row_tokens,
     )  # fmt: skip
     cfg.validate()
     loading.seed_everything(args.seed)
@@ -202,7 +205,7 @@ def main(argv=None) -> dict:
         "samples_per_s": cfg.batch_size / median["iteration"], "tokens_per_s": median["tokens"] / median["iteration"],
         "iteration_tflop": median["flops"] / 1e12, "achieved_gflops": median["flops"] / median["iteration"] / 1e9,
         "matmul_peak_gflops": peak / 1e9, "share_of_peak": median["flops"] / median["iteration"] / peak,
-        "peak_memory_gib": memory_gb, "torch": torch.__version__, "lora_rank": cfg.lora_rank,
+        "peak_memory_gib": memory_gb, "torch": torch.__version__, "lora_rank": cfg.lora_rank, "row_tokens": cfg.row_tokens,
         "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
     }  # fmt: skip
     print(f"PPO iteration ({cfg.advantage_estimator}, K={cfg.responses_per_prompt}), {args.shape} shape, "

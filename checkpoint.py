@@ -136,6 +136,21 @@ def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt
     shutil.rmtree(scratch)
 
 
+def save_model_folder(directory: str, write) -> None:
+    """`write(folder)` into `DIR/.saving/`, then move the files into DIR, `config.json` last and
+    the old one removed first: at no moment does DIR hold a config.json beside weights of another
+    save, so `from_pretrained(DIR)` loads all of one model or finds none (train_reward_model.py)."""
+    scratch = os.path.join(directory, SCRATCH)
+    shutil.rmtree(scratch, ignore_errors=True)
+    write(scratch)
+    if os.path.exists(os.path.join(directory, "config.json")):
+        os.remove(os.path.join(directory, "config.json"))
+    names = sorted(os.listdir(scratch), key=lambda name: name == "config.json")  # config.json last
+    for name in names:
+        os.replace(os.path.join(scratch, name), os.path.join(directory, name))
+    shutil.rmtree(scratch)
+
+
 def read_manifest(directory: str) -> dict:
     """The checkpoint's trainer_state.json, checked for form; one ConfigError line if there is
     none, or it is of an older format, or it is not one."""

@@ -26,12 +26,15 @@ def parse_config(config_class, argv, description: str, groups: dict, tiny_overri
     """
     parser = argparse.ArgumentParser(description=description)
     group = parser
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for f in dataclasses.fields(config_class):
         if f.name in groups:
             group = parser.add_argument_group(groups[f.name])
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        default = f"default: {f.default}" + (f"; --tiny: {tiny_overrides[f.name]}" if f.name in tiny_overrides else "")
+        if f.name == "tiny":
+            default = "sets " + ", ".join(f"{flag(k)} {v}" for k, v in tiny_overrides.items() if k != "tiny")
         # SUPPRESS keeps flags that were not given out of the result, so --tiny can fill them.
-        group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                           help=f"{f.metadata['help']} (default: {f.default})", **kind)  # fmt: skip
+        group.add_argument(flag(f.name), default=argparse.SUPPRESS, help=f"{f.metadata['help']} ({default})", **kind)
     given = vars(parser.parse_args(argv))
     return dataclasses.replace(config_class(), **{**(tiny_overrides if given.get("tiny") else {}), **given})

@@ -36,16 +36,36 @@ def first_line(e: Exception, limit: int = 160) -> str:
 
 @contextlib.contextmanager
 def load_errors_as_config_error(what: str, name: str):
-    """Turn any library error while loading `name` (a model, a dataset) into one ConfigError line."""
+    """Turn any library error while loading `name` (a model, a dataset) into one ConfigError line.
+
+    A local folder whose weights file can't be read (a download or a save cut short) is named in
+    the hint; anything else gets the hint about names and the network."""
     try:
         yield
     except RunError:
         raise
     except Exception as e:
-        raise ConfigError(
-            f"could not load {what} {name!r} ({type(e).__name__}: {first_line(e)}). Check the name; with no "
-            "network use --tiny, or local folders: --model DIR --reward-model DIR --dataset FILE"
-        ) from None
+        damaged = damaged_weights_file(name)
+        hint = (f"{damaged} is damaged or incomplete: save or download it again" if damaged else "Check the name; "
+                "with no network use --tiny, or local folders: --model DIR --reward-model DIR --dataset FILE")
+        raise ConfigError(f"could not load {what} {name!r} ({type(e).__name__}: {first_line(e)}). {hint}") from None
+
+
+def damaged_weights_file(folder: str) -> str:
+    """The first `*.safetensors` file in `folder` whose header or size does not hold up, or ''."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors"))) if os.path.isdir(folder) else []:
+        try:
+            with safe_open(path, "pt") as f:
+                for key in f.keys():  # reading each tensor checks that its bytes are all there
+                    f.get_slice(key)
+        except Exception:
+            return path
+    return ""
 
 
 def check_finite(mask: torch.Tensor, **tensors) -> None:
@@ -55,14 +75,14 @@ def check_finite(mask: torch.Tensor, **tensors) -> None:
         mask: (B, T) bool; (B, T) tensors are checked where it is True, others everywhere.
         **tensors: name=tensor, each with the batch as its first dimension.
     """
-    bad = []
+    bad_rows = {}  # name → (B,) bool, True at a row with NaN or inf
     for name, x in tensors.items():
         finite = torch.isfinite(x) | ~mask if x.dim() == 2 else torch.isfinite(x)
-        rows = (~finite).reshape(len(x), -1).any(1).nonzero().flatten().tolist()
-        if rows:
-            bad.append(f"{name} (rows {rows})")
-    if bad:
-        raise NonFiniteError("NaN or inf in " + ", ".join(bad))
+        bad_rows[name] = (~finite).reshape(len(x), -1).any(1)
+    if not torch.cat(list(bad_rows.values())).any().item():  # one host wait when all is well
+        return
+    bad = [f"{name} (rows {rows.nonzero().flatten().tolist()})" for name, rows in bad_rows.items() if rows.any()]
+    raise NonFiniteError("NaN or inf in " + ", ".join(bad))
 
 
 def check_config(cfg, estimators) -> None:
@@ -87,10 +107,6 @@ def check_config(cfg, estimators) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"--lora-dropout must be below 1, got {cfg.lora_dropout}")
-    if cfg.lora_rank:
-        from lora import import_peft
-
-        import_peft()  # one line saying how to install it, before any work
     K = cfg.responses_per_prompt
     if cfg.advantage_estimator != "gae" and K < 2:
         raise ConfigError(f"--advantage-estimator {cfg.advantage_estimator} compares each response with the "

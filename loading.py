@@ -136,7 +136,7 @@ def load_score_fn(reward_model: str, label: str, batch_size: int, device, what: 
     from transformers import pipeline
 
     with load_errors_as_config_error(what, reward_model):
-        classifier = pipeline("text-classification", model=reward_model, device=device)
+        classifier = on_device(pipeline("text-classification", model=reward_model, device=device), device)
     labels = list(classifier.model.config.id2label.values())
     if len(labels) == 1:  # a reward model (train_reward_model.py): its one logit is the reward
         label = labels[0]
@@ -146,6 +146,17 @@ def load_score_fn(reward_model: str, label: str, batch_size: int, device, what: 
             "choose one with --reward-label"
         )
     return pipeline_scorer(classifier, label, batch_size)
+
+
+def on_device(classifier, device):
+    """The pipeline, its model and its inputs on `device`. Once a process group exists (torchrun),
+    transformers' pipeline ignores `device=` and keeps the model where it was loaded, on the CPU:
+    every rank would then score on one CPU thread. So the model is moved here, and the pipeline
+    told, which it reads to place each batch of inputs."""
+    if classifier.model.device != device:
+        classifier.model.to(device)
+        classifier.device = device
+    return classifier
 
 
 def load_reward_fn(spec: str, flag: str = "--reward-fn"):
@@ -317,9 +328,6 @@ def prepare_training(policy, cfg):
     if cfg.advantage_estimator != "gae":  # no critic: nothing trains the value head (and DDP skips it)
         policy.v_head.requires_grad_(False)
     params = [p for p in policy.parameters() if p.requires_grad] if cfg.lora_rank else policy.parameters()
-    if cfg.lora_rank and os.environ.get("VLR"):
-        head = list(policy.v_head.parameters()); ids = {id(p) for p in head}
-        params = [{"params": [p for p in params if id(p) not in ids]}, {"params": head, "lr": float(os.environ["VLR"])}]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # LoRA: Adam's state for A, B and the value head
     if cfg.adaptive_kl:
         kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)

@@ -61,6 +61,10 @@ class AdaptersOff:
     def __init__(self, policy):
         self.policy = policy
 
+    @property
+    def v_head(self):  # a model with a value head: logprobs.batched_forward_pass calls it with `keep`
+        return self.policy.v_head
+
     def __call__(self, *args, **kwargs):
         with self.policy.lm.disable_adapter():
             return self.policy(*args, **kwargs)
@@ -115,7 +119,7 @@ def save(policy, directory: str) -> None:
     peft = import_peft()
     adapter = os.path.join(directory, ADAPTER_DIR)
     policy.lm.save_pretrained(adapter)
-    base = AutoModelForCausalLM.from_pretrained(policy.lm.get_base_model().config._name_or_path)
+    base = AutoModelForCausalLM.from_pretrained(policy.lm.get_base_model().config._name_or_path, dtype=torch.float32)
     if base.config.tie_word_embeddings:  # the head's adapter changes the output side only: untie before merging
         head = base.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight.detach().clone())

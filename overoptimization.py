@@ -1,6 +1,7 @@
 """Reward-model overoptimization, offline: Gao, Schulman, Hilton (2022) in the tiny world.
 
-    python overoptimization.py          # about 4 minutes on a 2-core CPU; writes docs/overoptimization.png
+    python overoptimization.py                        # writes docs/overoptimization.png and .json
+    python overoptimization.py --tables docs/overoptimization.json     # the docs' tables, from the results
 
 A learned reward model is a proxy for what the raters want. PPO raises the proxy; how much of the
 rise is real is measured by the raters themselves, here the tiny world's judge (tiny.judge),
@@ -15,12 +16,15 @@ which the reward model learned from and which no run trains on. The experiment:
                          (fixed; "adaptive" is the default controller from 0.2), logging both
                          scores: `score` (the proxy) and `gold_score` (the judge)
     4. the fits          Gao et al.'s forms in d = √KL, R = gold − gold at the start:
-                         best-of-n R(d) = d·(α − β·d), RL (β = 0) R(d) = d·(α − β·ln d)
+                         best-of-n R(d) = d·(a − b·d), RL (β = 0) R(d) = d·(a − b·ln d)
+                         (the paper writes α and β; here β is the KL coefficient, so a and b)
     5. the claims        KL on (the default) against KL off (β = 0), on every seed in --seeds,
                          against the reward model of `train_reward_model.py --tiny`
     6. the picture       Δproxy and Δgold against √KL, one panel per reward model
 
-Results, with every curve's numbers, go to `<output-dir>/results.json`.
+Results, with every curve's numbers, go to `<output-dir>/results.json` (and a copy to
+`--results-copy`, docs/overoptimization.json); the tables of docs/reward-model.md are printed
+from it, and written to `<output-dir>/tables.md`.
 """
 
 import argparse
@@ -70,12 +74,13 @@ def best_of_n(reward_dir: str, n_max: int, prompts: int, seed: int) -> list:
 
 
 def fit(d, r, form: str):
-    """Least squares for Gao et al.'s forms, which are linear in (α, β): R = α·d − β·d·f(d)."""
+    """Least squares for Gao et al.'s forms, which are linear in (a, b): R = a·d − b·d·f(d), with
+    the range of d fitted (the picture draws a fit there only)."""
     d, r = np.asarray(d, dtype=float), np.asarray(r, dtype=float)
     f = d if form == "bon" else np.log(np.maximum(d, 1e-9))
-    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -d * f], 1), r, rcond=None)
-    peak = alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)  # dR/dd = 0
-    return dict(alpha=float(alpha), beta=float(beta), peak_d=float(peak) if beta > 0 else None)
+    (a, b), *_ = np.linalg.lstsq(np.stack([d, -d * f], 1), r, rcond=None)
+    peak = a / (2 * b) if form == "bon" else math.exp(a / b - 1)  # dR/dd = 0
+    return dict(a=float(a), b=float(b), peak_d=float(peak) if b > 0 else None, d_min=float(d.min()), d_max=float(d.max()))
 
 
 def ppo_run(reward_dir, out, seed, beta, lr, steps):
@@ -87,47 +92,82 @@ def ppo_run(reward_dir, out, seed, beta, lr, steps):
 
 
 def draw(results: dict, path: str) -> None:
+    """One panel per reward model: Δgold (solid) and Δproxy (dashed) against √KL, one colour per
+    method, the fits (grey) over the range they were fitted on."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     models = results["reward_models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.6), sharex=True, sharey=True)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), sharex=True, sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = {}  # label → colour, for the one legend
     for ax, (name, rm) in zip(np.atleast_1d(axes), models.items()):
         for color, (beta, run) in zip(colors, rm["ppo"].items()):
             d = np.sqrt(np.maximum(run["kl"], 0))
-            ax.plot(d, run["gold"], color=color, label=f"PPO β={beta}: gold")
-            ax.plot(d, run["proxy"], color=color, linestyle="--", linewidth=1, label="proxy")
+            ax.plot(d, run["gold"], color=color)
+            ax.plot(d, run["proxy"], color=color, linestyle="--", linewidth=1)
+            methods[f"PPO, β = {beta}"] = color
         bon = rm["best_of_n"]
         d = np.sqrt([r["kl"] for r in bon])
-        ax.plot(d, [r["gold_change"] for r in bon], "k-o", markersize=3, label="best-of-n: gold")
-        ax.plot(d, [r["proxy_change"] for r in bon], "k--o", markersize=3, linewidth=1, label="proxy")
-        d_max = max([d[-1]] + [np.sqrt(max(max(run["kl"]), 0)) for run in rm["ppo"].values()])
+        ax.plot(d, [r["gold_change"] for r in bon], "k-o", markersize=3)
+        ax.plot(d, [r["proxy_change"] for r in bon], "k--o", markersize=3, linewidth=1)
+        methods["best-of-n, n = 1 … %d" % bon[-1]["n"]] = "k"
         for form, f in rm["fits"].items():
-            style = ":" if form == "bon" else "-."
-            grid = np.linspace(0.01, d_max, 100)
+            grid = np.linspace(max(f["d_min"], 1e-3), f["d_max"], 100)  # the measured range only
             shape = grid if form == "bon" else np.log(grid)
-            ax.plot(grid, grid * (f["alpha"] - f["beta"] * shape), color="gray", linestyle=style, linewidth=1,
-                    label=f"fit, {'best-of-n' if form == 'bon' else 'RL β=0'}")  # fmt: skip
+            ax.plot(grid, grid * (f["a"] - f["b"] * shape), color="gray", linestyle=":", linewidth=1.5)
         ax.axhline(0, color="gray", linewidth=0.5)
-        ax.set_title(f"reward model from {rm['pairs']} pairs (held-out accuracy {rm['heldout_accuracy']:.2f})", fontsize=9)
-        ax.set_xlabel("√KL(policy ‖ starting policy)  (nats^½)")
+        ax.set_title(f"{rm['pairs']} pairs, held-out accuracy {rm['heldout_accuracy']:.2f}", fontsize=9)
+        ax.set_xlabel("√KL(policy ‖ starting policy)")
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("change from the starting policy")
-    np.atleast_1d(axes)[0].legend(fontsize=7, ncol=2, loc="lower left")
-    fig.suptitle("Gold (the raters, tiny.judge) and proxy (the learned reward model): PPO at several β, and "
-                 "best-of-n; 5-step means", fontsize=9)  # fmt: skip
-    fig.tight_layout()
+    handles = [Line2D([], [], color=c, label=label) for label, c in methods.items()]
+    handles += [Line2D([], [], color="gray", label="gold (the judge): solid"),
+                Line2D([], [], color="gray", linestyle="--", label="proxy (the reward model): dashed"),
+                Line2D([], [], color="gray", linestyle=":", linewidth=1.5, label="Gao et al.'s fits to gold")]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Over-optimizing a learned reward in the tiny world (seed 0, 5-step means)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"picture: {path}")
 
 
+def tables(results: dict) -> str:
+    """The markdown tables of docs/reward-model.md, from results.json."""
+    settings = results["settings"]
+    lines = [f"Seeds {', '.join(str(r['seed']) for r in results['claims'])}: means of the first 5 and last 5 of "
+             f"{settings['steps']} steps, lr {settings['lr']:g}; gold peak: the highest 5-step moving average, "
+             "at its middle step.", "",
+             "| seed | KL on: proxy | KL on: gold | KL on: fluent, last 5 | KL off: proxy | KL off: gold (peak at step) "
+             "| KL off: fluent, last 5 | holds |", "| --- | --- | --- | ---: | --- | --- | ---: | --- |"]  # fmt: skip
+    for row in results["claims"]:
+        on, off = row["on"], row["off"]
+        lines.append(f"| {row['seed']} | {on['proxy_first']:+.2f} → {on['proxy_last']:+.2f} | {on['gold_first']:.2f} → "
+                     f"{on['gold_last']:.2f} | {on['fluency_last']:.0%} | {off['proxy_first']:+.2f} → "
+                     f"{off['proxy_last']:+.2f} | {off['gold_first']:.2f} → {off['gold_peak']:.2f} "
+                     f"({off['gold_peak_step']}) → {off['gold_last']:.2f} | {off['fluency_last']:.0%} | "
+                     f"{'yes' if row['holds'] else 'no'} |")  # fmt: skip
+    lines += ["", "| reward model | held-out accuracy (judge's ceiling) | PPO at the end, Δgold per β (KL) | "
+              "RL fit (β = 0): peak √KL | best-of-n: Δgold at n = %d (KL) | best-of-n fit: peak √KL |"
+              % next(iter(results["reward_models"].values()))["best_of_n"][-1]["n"],
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for rm in results["reward_models"].values():
+        ppo = ", ".join(f"{beta}: {run['gold'][-1]:+.2f} ({run['kl'][-1]:.1f})" for beta, run in rm["ppo"].items())
+        peak = lambda form: "none" if form not in rm["fits"] or rm["fits"][form]["peak_d"] is None else (  # noqa: E731
+            f"{rm['fits'][form]['peak_d']:.2f}")
+        bon = rm["best_of_n"][-1]
+        lines.append(f"| {rm['pairs']} pairs | {rm['heldout_accuracy']:.3f} ({rm['judge_heldout_accuracy']:.3f}) | "
+                     f"{ppo} | {peak('rl')} | {bon['gold_change']:+.2f} ({bon['kl']:.2f}) | {peak('bon')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", nargs="+", type=int, default=[2000, 4000, 8000], help="preference data sizes")
+    parser.add_argument("--pairs", nargs="+", type=int, default=[2000, 6000, 12000], help="preference data sizes")
     parser.add_argument("--betas", nargs="+", default=["0", "0.03", "0.1", "adaptive"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the KL on / off claims")
     parser.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (half --tiny's, so the rise shows)")
@@ -135,7 +175,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--best-of", type=int, default=64, help="largest n of best-of-n")
     parser.add_argument("--output-dir", default="runs/overoptimization")
     parser.add_argument("--picture", default="docs/overoptimization.png")
+    parser.add_argument("--results-copy", default="docs/overoptimization.json", help="where results.json is copied")
+    parser.add_argument("--tables", metavar="RESULTS_JSON", help="only print the tables of an earlier run's results")
     args = parser.parse_args(argv)
+    if args.tables:
+        with open(args.tables) as f:
+            text = tables(json.load(f))
+        print(text)
+        return {}
     out = args.output_dir
     results = dict(settings=vars(args), reward_models={}, claims=[])
 
@@ -184,11 +231,16 @@ def main(argv=None) -> dict:
               f"{off['gold_first']:.2f} → peak {off['gold_peak']:.2f} (step {off['gold_peak_step']}) → {off['gold_last']:.2f}"
               f" ({'holds' if row['holds'] else 'does NOT hold'})")  # fmt: skip
 
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    for path in (os.path.join(out, "results.json"), args.results_copy):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    with open(os.path.join(out, "tables.md"), "w") as f:
+        f.write(tables(results))
+    print(tables(results))
     for name, rm in results["reward_models"].items():
         fits = rm["fits"]
-        peaks = ", ".join(f"{f['peak_d']} ({'best-of-n' if form == 'bon' else 'RL, β = 0'})" for form, f in fits.items())
+        peaks = ", ".join(f"{f['peak_d']} ({'best-of-n' if form == 'bon' else 'RL, KL coefficient 0'})" for form, f in fits.items())
         print(f"{name} pairs: held-out accuracy {rm['heldout_accuracy']:.3f}; fitted gold peak at √KL = {peaks}")
     # 6. the picture
     draw(results, args.picture)

@@ -4,6 +4,10 @@ Tutorial section: "The reward is used to update the policy using PPO" (inside `p
 
 With logπ_old the log-probs recorded at rollout and A the whitened advantages:
 
+    π_old is the policy as it was when it sampled this batch, frozen for the batch's PPO epochs.
+    It is not the tutorial's `old_policy`: that is the reference model ρ of the KL penalty, the
+    starting policy, frozen for the whole run (rewards.py).
+
     ratio_t   = exp(logπ_t − logπ_old_t)
     pg_loss   = mean_t  max(−A_t · ratio_t,  −A_t · clip(ratio_t, 1 − ε, 1 + ε))
     vpredclipped_t = clip(vpred_t, V_old_t − ε_v, V_old_t + ε_v)

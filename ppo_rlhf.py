@@ -27,7 +27,6 @@ Ouyang et al. 2022 (InstructGPT); [3] TRL v0.11's gpt2-sentiment example, whose 
 """
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -37,6 +36,7 @@ import torch
 
 import checkpoint
 import distributed
+import lora
 import report
 import tiny
 from command_line import arg, parse_config
@@ -46,7 +46,7 @@ from group_advantages import grpo_advantages, k3_kl_loss, rloo_advantages
 from loading import fork_rng, left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn
 from loading import load_scorer, make_autocast, offline_if_hub_unreachable, prepare_training, resolve_device
 from loading import reward_batch_size, seed_everything
-from logprobs import batched_forward_pass, entropy_from_logits
+from logprobs import ROW_TOKENS, batched_forward_pass
 from ppo_loss import ppo_loss
 from rewards import KL_KINDS, kl_shaped_rewards
 
@@ -105,6 +105,8 @@ class Config:
     device: str = arg("auto", "auto, cpu, cuda, cuda:N, or mps (Apple silicon; untested)")
     dtype: str = arg("fp32", "fp32, or bf16 autocast for the transformer (heads, log-probs and losses stay fp32)")
     reward_batch_size: int = arg(0, "texts per reward-model forward pass; 0 = 16 on a CPU, 128 on a GPU")
+    row_tokens: int = arg(ROW_TOKENS, "phase 3 packs the sequences into rows of at most this many tokens "
+                                      "(logprobs.py); 0 = the whole batch in one row")
     output_dir: str = arg("runs/ppo", "where log.jsonl, samples.md, curves.png and the checkpoint go")
     save_every: int = arg(0, "also save a checkpoint every N steps (0 = only at the end)")
     sample_every: int = arg(10, "print a few decoded samples every N steps (0 = never)")
@@ -120,6 +122,8 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError, one line naming the fix, for a value no run can use (errors.py)."""
         check_config(self, ESTIMATORS)
+        if self.lora_rank:
+            lora.import_peft()  # one line saying how to install peft, before any work
 
 
 # --tiny: tiny.py's world at a batch that runs in seconds; β, its target and horizon as in the real run.
@@ -220,8 +224,8 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
         for j, idx in enumerate(order.split(cfg.mini_batch_size)):
             mb = {k: v[idx] for k, v in batch.items()}
             with autocast():
-                logprobs, vpred, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"],
-                                                          mb["response_ids"], mb["response_mask"])  # (b, T)
+                logprobs, vpred, _, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"], mb["response_ids"],
+                                                             mb["response_mask"], row_tokens=cfg.row_tokens)  # (b, T)
             pg_loss, vf_loss, stats = ppo_loss(
                 logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"],
                 mb["response_mask"], cfg.cliprange, cfg.cliprange_value,
@@ -277,22 +281,22 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     scores = score_fn(texts).to(query_ids.device)  # (B,)
     timer("score")
 
-    # 3. logprobs of policy and reference, values (tutorial: "Batched_forward_pass")
-    full_kl = cfg.kl_kind == "full"
+    # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
+    full_kl = cfg.kl_kind == "full"  # only the exact KL needs the (B, T, V) logits
     with torch.no_grad(), autocast():
-        logprobs, values, logits = batched_forward_pass(model, query_ids, query_mask, response_ids, response_mask,
-                                                        return_logits=True)  # (B, T), (B, T), (B, T, V)
-        ref_logprobs, _, ref_logits = batched_forward_pass(ref_model, query_ids, query_mask, response_ids,
-                                                           response_mask, return_logits=full_kl)  # fmt: skip
-    entropy = masked_mean(entropy_from_logits(logits), response_mask).item()
+        logprobs, values, logits, entropy = batched_forward_pass(
+            model, query_ids, query_mask, response_ids, response_mask, full_kl, True, cfg.row_tokens
+        )  # (B, T), (B, T), (B, T, V) or None, (B, T)
+        ref_logprobs, _, ref_logits, _ = batched_forward_pass(
+            ref_model, query_ids, query_mask, response_ids, response_mask, full_kl, row_tokens=cfg.row_tokens
+        )  # fmt: skip
     timer("forward")
 
     # 4. KL-shaped rewards (tutorial: "Compute rewards"); GRPO keeps β·KL out of them, for its loss
     kl_coef = kl_ctl.value
     reward_kl_coef = 0.0 if estimator == "grpo" else kl_coef
     rewards, non_score_reward, kl = kl_shaped_rewards(
-        scores, logprobs, ref_logprobs, response_mask, reward_kl_coef, cfg.kl_kind, logits if full_kl else None,
-        ref_logits,
+        scores, logprobs, ref_logprobs, response_mask, reward_kl_coef, cfg.kl_kind, logits, ref_logits,
     )  # (B, T) each
     del logits, ref_logits
 
@@ -316,26 +320,27 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, kl_loss_coef, minibatches)
     timer("update")
 
-    # 7. log: adapt β to this batch's KL, and gather the step's stats
+    # 7. log: adapt β to this batch's KL, and gather the step's stats (one copy to the host for all of them)
     kl_per_response = kl.sum(1)  # (B,) summed over each response's tokens
-    mean_kl = distributed.mean({"kl": kl_per_response.mean().item()})["kl"]  # [ddp] over every rank
-    kl_ctl.update(mean_kl, query_ids.shape[0] * distributed.world_size())
-    record = {
-        "score": scores.mean().item(),
-        "score_std": scores.std(unbiased=False).item(),
-        "kl": mean_kl,
-        "kl_negative": (kl_per_response < 0).float().mean().item(),  # share of responses with KL estimate < 0
+    stats = {
+        "score": scores.mean(),
+        "score_std": scores.std(unbiased=False),
+        "kl": kl_per_response.mean(),
+        "kl_negative": (kl_per_response < 0).float().mean(),  # share of responses with KL estimate < 0
         "kl_coef": kl_coef,
-        "non_score_reward": non_score_reward.sum(1).mean().item(),
-        "entropy": entropy,
-        "response_len": response_mask.sum(1).float().mean().item(),
-        "advantages_mean": masked_mean(raw_advantages, response_mask).item(),  # before whitening
-        "advantages_std": masked_var(raw_advantages, response_mask).sqrt().item(),
-        "returns_mean": masked_mean(returns, response_mask).item(),
-        "explained_variance": explained_variance(values, returns, response_mask).item(),
-        **train_stats,
-        "time": dict(timer.times),
+        "non_score_reward": non_score_reward.sum(1).mean(),
+        "entropy": masked_mean(entropy, response_mask),
+        "response_len": response_mask.sum(1).float().mean(),
+        "advantages_mean": masked_mean(raw_advantages, response_mask),  # before whitening
+        "advantages_std": masked_var(raw_advantages, response_mask).sqrt(),
+        "returns_mean": masked_mean(returns, response_mask),
+        "explained_variance": explained_variance(values, returns, response_mask),
     }
+    tensors = {k: v for k, v in stats.items() if torch.is_tensor(v)}
+    stats.update(zip(tensors, torch.stack([v.float() for v in tensors.values()]).tolist()))
+    stats["kl"] = distributed.mean({"kl": stats["kl"]})["kl"]  # [ddp] over every rank
+    kl_ctl.update(stats["kl"], query_ids.shape[0] * distributed.world_size())
+    record = {**stats, **train_stats, "time": dict(timer.times)}
     trace = dict(texts=texts, scores=scores, kl=kl, rewards=rewards,
                  non_score_reward=non_score_reward, raw_advantages=raw_advantages,
                  kl_coef=kl_coef, kl_coef_after=kl_ctl.value, minibatches=minibatches, **batch)  # fmt: skip
@@ -368,7 +373,6 @@ def main(cfg: Config) -> list:
     world, rank = distributed.world_size(), distributed.rank()
     checkpoint.check_writable(cfg.output_dir)
     report.quiet_libraries()
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
     seed_everything(cfg.seed + rank)  # [ddp] each rank samples its own responses
     device = resolve_device(device_name, cfg.dtype)
     autocast = make_autocast(device, cfg.dtype)
@@ -379,10 +383,12 @@ def main(cfg: Config) -> list:
     with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
         model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
     reward_model = cfg.reward_model if learned else reward_model
+    print(report.config_line(cfg, TINY_OVERRIDES, model=model, reward_model=reward_model, dataset=dataset))
     offline_if_hub_unreachable(model, dataset, cfg.reward_fn or reward_model, gold)
     reward = f"the function {cfg.reward_fn}" if cfg.reward_fn else f"the reward model from {reward_model}"
     print(f"loading the policy from {model}, {reward}, prompts from {dataset}" + (f"; gold: {gold}" if gold else ""))
     policy, tokenizer = load_policy_and_tokenizer(model, device)
+    print(report.phase_3_layout(policy, cfg.row_tokens))
     ref_model, optimizer, kl_ctl = prepare_training(policy, cfg)
     reward_batch = reward_batch_size(cfg.reward_batch_size, device)
     score_fn = score_fn or load_score_fn(reward_model, cfg.reward_label, reward_batch, device)
@@ -457,7 +463,8 @@ def main(cfg: Config) -> list:
     return history
 
 
-HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "batch_size": "PPO", "steps": "run"}
+HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "advantage_estimator": "PPO",
+               "lora_rank": "LoRA (lora.py)", "steps": "run"}  # fmt: skip
 
 
 def parse_args(argv=None) -> Config:

@@ -10,9 +10,12 @@
   `curves.png` (needs matplotlib, an optional dependency). `python report.py DIR` redraws it.
 """
 
+import dataclasses
+import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -68,7 +71,9 @@ def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
     _show("scores", trace["scores"], f"one number per sequence: the classifier's {cfg.reward_label} logit")
 
     _phase(3, "logprobs of policy and reference, values", "logprobs.batched_forward_pass")
-    _show("logprobs", trace["logprobs"], "log π(token) under the policy at rollout (π_old of PPO)", rm)
+    print("π_old: the policy as it sampled these responses, frozen for this step's PPO epochs.\n"
+          "(The tutorial's `old_policy` is the other model: the reference ρ, frozen for the whole run.)")
+    _show("logprobs", trace["logprobs"], "log π_old(token): the policy at rollout, the ratio's denominator", rm)
     _show("ref_logprobs", trace["ref_logprobs"], "log ρ(token) under the frozen reference model", rm)
     _show("values", trace["values"], "V: the value head's estimate of the reward still to come", rm)
 
@@ -244,6 +249,8 @@ def draw_curves(runs, title: str = "", kl_target=None):
     for ax, (key, label) in zip(axes, panels):
         for name, records in runs.items():
             ax.plot([r["step"] for r in records], [r[key] for r in records], label=name or None)
+        if key == "kl_coef":  # from 0: in --tiny β moves by a few percent, which an auto-scaled axis shows as a plunge
+            ax.set_ylim(bottom=0, top=max(max(r[key] for r in records) for records in runs.values()) * 1.15 or 1)
         if key == "kl" and kl_target:
             ax.axhline(kl_target, color="gray", linestyle="--", linewidth=1, label=f"KL target {kl_target:g}")
         if ax.get_legend_handles_labels()[0]:
@@ -283,6 +290,27 @@ def plot_curves(output_dir: str, kl_target=None, others=(), path=""):
     return path
 
 
+def phase_3_layout(policy, row_tokens: int) -> str:
+    """One line on how phase 3 lays out its batch for this model (logprobs.packs_exactly)."""
+    from logprobs import packs_exactly
+
+    name = type(policy.lm).__name__
+    ok, gap = packs_exactly(policy)
+    if not ok:
+        return (f"phase 3: one sequence per row: {name} lets packed sequences see each other "
+                f"(log-probs {gap:.1e} nats off when packed), so each is run alone")  # fmt: skip
+    return f"phase 3: packed rows of {'≤ ' + str(row_tokens) if row_tokens else 'the whole batch'} tokens ({name})"
+
+
+
+def config_line(cfg, tiny_overrides: dict, **paths) -> str:
+    """`config: {...}` as the run uses it: with --tiny, the world's paths in place of the Hub
+    names, and which settings --tiny chose."""
+    shown = {**dataclasses.asdict(cfg), **(paths if cfg.tiny else {})}
+    tiny = ", ".join(f"{k}={v}" for k, v in tiny_overrides.items() if k != "tiny" and getattr(cfg, k) == v)
+    tiny = textwrap.fill(f"--tiny set: {tiny}", width=100, subsequent_indent="  ")
+    return f"config: {json.dumps(shown)}" + (f"\n{tiny}" if cfg.tiny else "")
+
 if __name__ == "__main__":
     dirs = sys.argv[1:]
     if not dirs or not all(os.path.isfile(os.path.join(d, "log.jsonl")) for d in dirs):
@@ -294,3 +322,4 @@ if __name__ == "__main__":
         target = None
     out = os.path.join(dirs[0], "curves-compared.png") if len(dirs) > 1 else ""
     plot_curves(dirs[0], target, dirs[1:], out)
+

@@ -45,10 +45,13 @@ KL_KINDS = ("kl", "abs", "mse", "full")
 def score_from_labels(output, label: str = "POSITIVE") -> float:
     """Pick one label's score from a text-classification pipeline's output for one text.
 
-    With `top_k=None` the pipeline returns every label, sorted by score: the POSITIVE entry is
-    first for a positive text and second for a negative one. Reading position [1] (as the
-    tutorial does) therefore returns the NEGATIVE logit for every positive text. Look it up by
-    name instead.
+    With `top_k=None` the pipeline returns every label sorted by score: the POSITIVE entry is
+    first for a positive text and second for a negative one, so position [1] would be the lower
+    of the two logits for every text. The tutorial reads `output[1]["score"]` under settings it
+    does not show (`sent_kwargs`); its printed rewards (+1.33, +0.81, +2.25) can't be the lower
+    of two opposite logits, so its pipeline most likely kept the labels in their order
+    (NEGATIVE, POSITIVE). Ported to `top_k=None`, the same line silently reads the wrong label.
+    Looking the label up by name is right under either setting.
 
     Args:
         output: a list of {"label": str, "score": float} dicts, one per label.

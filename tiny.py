@@ -236,9 +236,10 @@ def build_world(directory: str, seed: int = 0, n_reviews: int = 6000, lm_steps: 
     reviews, sentiments = [r for r, _ in corpus], [s for _, s in corpus]
     scratch = directory.rstrip("/") + ".building"
     shutil.rmtree(scratch, ignore_errors=True)
-    # fork_rng: the build seeds torch itself, and must leave the run's random stream as it found it
-    with torch.random.fork_rng(), tqdm(total=lm_steps + cls_steps, desc="building the --tiny world (once)",
-                                         dynamic_ncols=True) as bar:  # fmt: skip
+    # fork_rng: the build seeds torch itself, and must leave the run's random stream as it found it;
+    # devices=[]: it runs on the CPU, so no GPU's stream is saved (nor a CUDA context started on each)
+    with torch.random.fork_rng(devices=[]), tqdm(total=lm_steps + cls_steps, dynamic_ncols=True,
+                                                 desc="building the --tiny world (once)") as bar:  # fmt: skip
         lm_tokenizer, cls_tokenizer = build_tokenizer(), build_tokenizer(with_cls=True)
         lm = pretrain_policy(lm_tokenizer, reviews, lm_steps, seed, bar)
         classifier = train_classifier(cls_tokenizer, reviews, sentiments, cls_steps, seed, bar)

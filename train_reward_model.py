@@ -27,7 +27,6 @@ References: [1] Ouyang et al. 2022 (InstructGPT), §3.5; [2] Gao, Schulman, Hilt
 Laws for Reward Model Overoptimization", §2; [3] OpenAI lm-human-preferences `train_reward.py`.
 """
 
-import dataclasses
 import json
 import os
 import random
@@ -38,7 +37,7 @@ import torch
 
 import report
 import tiny
-from checkpoint import check_writable
+from checkpoint import check_writable, save_model_folder
 from command_line import arg, parse_config
 from errors import ConfigError, RunError, load_errors_as_config_error
 from loading import build_queries, left_pad, load_policy_and_tokenizer, load_preference_pairs, load_review_texts
@@ -106,8 +105,11 @@ def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 
     Returns:
         texts: query + response, the `per_prompt` answers to a query in consecutive places.
     """
+    from tqdm import tqdm
+
     texts = []
-    for i in range(0, len(queries), prompts_per_call):
+    for i in tqdm(range(0, len(queries), prompts_per_call), desc=f"sampling {per_prompt} responses to each prompt",
+                  unit="call", dynamic_ncols=True):  # fmt: skip
         rows = [q for q in queries[i : i + prompts_per_call] for _ in range(per_prompt)]  # side by side
         query_ids, query_mask = left_pad(rows, tokenizer.pad_token_id, device)  # (R, Q)
         lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (len(rows),))  # (R,)
@@ -138,10 +140,10 @@ def main(cfg: Config) -> dict:
     check_config(cfg)
     check_writable(cfg.output_dir)
     report.quiet_libraries()
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
+    print(report.config_line(cfg, TINY_OVERRIDES, model=model, dataset=dataset))
     offline_if_hub_unreachable(model, *([cfg.preferences] if cfg.preferences else [dataset, cfg.judge]))
     judge = None if cfg.preferences else load_scorer(cfg.judge, cfg.judge_label, 64, device, "--judge")  # fails early
     tokenizer = load_tokenizer(model)
@@ -166,7 +168,7 @@ def main(cfg: Config) -> dict:
                               "lower it or use a larger dataset")  # fmt: skip
         held, train = queries[: cfg.heldout_pairs], queries[cfg.heldout_pairs :]  # held-out prompts: never trained on
         train = [train[i % len(train)] for i in range(cfg.pairs)]  # a prompt may come back, with new responses
-        print(f"sampling {2 * n} responses of {model} to {n} prompts")
+        print(f"sampling {2 * n} responses of {model} to {n} prompts, 128 prompts a call")
         policy, _ = load_policy_and_tokenizer(model, device)  # the tokenizer above is the one used and saved
         texts = sample_responses(policy, tokenizer, held + train, cfg, device)
         del policy  # the reward model is loaded below, from the same folder
@@ -183,30 +185,31 @@ def main(cfg: Config) -> dict:
 
     # 3. train: the policy's transformer and a fresh Linear(H, 1) head, on the Bradley–Terry loss
     with load_errors_as_config_error("model", model):
-        reward_model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).to(device)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
+    reward_model.to(device)  # fp32 master weights, whatever the checkpoint stores (value_head.py)
     reward_model.config.pad_token_id = tokenizer.pad_token_id  # how the saved classifier finds the last token
     reward_model.config.id2label, reward_model.config.label2id = {0: "REWARD"}, {"REWARD": 0}
     tokenizer.padding_side = "right"  # absolute positions (GPT-2) start at 0 on every row; saved with the model
-    tokenizer.model_max_length = min(tokenizer.model_max_length, reward_model.config.max_position_embeddings)
+    max_positions = getattr(reward_model.config, "max_position_embeddings", None)  # ALiBi (BLOOM) has none
+    tokenizer.model_max_length = min(tokenizer.model_max_length, max_positions or tokenizer.model_max_length)
     optimizer = torch.optim.Adam(reward_model.parameters(), lr=cfg.lr)
     shuffle = random.Random(cfg.seed + 1)
     steps = cfg.epochs * -(-len(train_pairs) // cfg.batch_size)
-    bar = tqdm(total=steps, desc="reward model", dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
-        shuffle.shuffle(train_pairs)
-        for i in range(0, len(train_pairs), cfg.batch_size):
-            batch_c, batch_r = zip(*train_pairs[i : i + cfg.batch_size])
-            r = rewards_of(reward_model, tokenizer, list(batch_c) + list(batch_r), device)  # (2b,) one forward pass
-            r_chosen, r_rejected = r.chunk(2)  # (b,) each
-            loss = bradley_terry_loss(r_chosen, r_rejected)
-            if cfg.center_coef:
-                loss = loss + cfg.center_coef * centering_loss(r_chosen, r_rejected)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{pair_accuracy(r_chosen, r_rejected).item():.2f}")
-            bar.update(1)
-    bar.close()
+    with tqdm(total=steps, desc="reward model", dynamic_ncols=True) as bar:  # closed before any Ctrl-C line
+        for epoch in range(cfg.epochs):
+            shuffle.shuffle(train_pairs)
+            for i in range(0, len(train_pairs), cfg.batch_size):
+                batch_c, batch_r = zip(*train_pairs[i : i + cfg.batch_size])
+                r = rewards_of(reward_model, tokenizer, list(batch_c) + list(batch_r), device)  # (2b,) one forward pass
+                r_chosen, r_rejected = r.chunk(2)  # (b,) each
+                loss = bradley_terry_loss(r_chosen, r_rejected)
+                if cfg.center_coef:
+                    loss = loss + cfg.center_coef * centering_loss(r_chosen, r_rejected)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{pair_accuracy(r_chosen, r_rejected).item():.2f}")
+                bar.update(1)
 
     # 4. normalize: rewards of std 1 on the training texts (reward_model.normalize_head), then
     # evaluate on the held-out pairs: the model's accuracy, and the judge's own (the ceiling)
@@ -222,11 +225,14 @@ def main(cfg: Config) -> dict:
                   heldout_reward_mean=r.mean().item(), heldout_reward_std=r.std().item(), normalization_gain=gain,
                   judge=None if cfg.preferences else cfg.judge, model=model)  # fmt: skip
 
-    # 5. save: a one-label sequence classifier, which pipeline("text-classification") loads
-    reward_model.save_pretrained(cfg.output_dir)
-    tokenizer.save_pretrained(cfg.output_dir)
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    # 5. save: a one-label sequence classifier, which pipeline("text-classification") loads; all or nothing
+    def write(folder):
+        reward_model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "eval.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    save_model_folder(cfg.output_dir, write)
     judged = "" if g_chosen is None else f"; the judge itself: {result['judge_heldout_accuracy']:.3f} (the ceiling)"
     print(f"{len(train_pairs)} training pairs, {n_held} held out. Held-out pair accuracy: reward model "
           f"{result['heldout_accuracy']:.3f}{judged}.\nsaved to {cfg.output_dir}; "
@@ -242,6 +248,10 @@ def cli(argv=None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # the model is saved whole at the end, or not at all (checkpoint.save_model_folder)
+        print("stopped by Ctrl-C before the reward model was saved: nothing was written; run it again",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

@@ -61,6 +61,9 @@ def fp32_linear(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     with torch.autocast(hidden.device.type, enabled=False):
         if head.weight.dtype == torch.float32:  # the head's own forward, so a LoRA-adapted head adds its part
             return type(head).forward(head, hidden.float())  # (..., V); the class's: generate patches the instance's
+        if type(head) is not nn.Linear:  # F.linear on the base weight would leave the adapter out, silently
+            raise ValueError(f"the LM head ({type(head).__name__}) holds {head.weight.dtype} weights: load the "
+                             "model in fp32 (from_pretrained(..., dtype=torch.float32)); autocast gives bf16 speed")
         bias = None if head.bias is None else head.bias.float()
         return F.linear(hidden.float(), head.weight.float(), bias)  # (..., V)
 
@@ -84,7 +87,7 @@ class CausalLMWithValueHead(nn.Module):
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, input_ids, position_ids, attention_mask=None, keep=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, keep=None):
         """One pass through the transformer; both heads read its last hidden state, in fp32.
 
         The heads run with autocast off on the fp32 hidden state: under `--dtype bf16` the
@@ -95,7 +98,7 @@ class CausalLMWithValueHead(nn.Module):
 
         Args:
             input_ids: (R, N) token ids; several sequences may be packed in a row.
-            position_ids: (R, N) position of each token in its own sequence.
+            position_ids: (R, N) position of each token in its own sequence; None: the model's own.
             attention_mask: (R, N) 1 for real tokens, 0 for padding; None for packed rows, where
                 the model reads sequence starts from `position_ids`.
             keep: (K,) indices into the R·N flattened positions: apply the heads there only
@@ -146,17 +149,22 @@ class CausalLMWithValueHead(nn.Module):
     def from_pretrained(cls, name_or_path: str, lm_class, **kwargs) -> "CausalLMWithValueHead":
         """Load the LM with `lm_class.from_pretrained` and the value head if the folder has one.
 
+        The weights are loaded in fp32 whatever the checkpoint stores (most current Hub models
+        store bf16, and transformers would keep it): these are the master weights that Adam
+        updates, and an lr of 1.41e-5 is below bf16's resolution for most of them. `--dtype bf16`
+        is autocast over fp32 weights.
+
         Args:
             name_or_path: a Hub model id or a local folder.
             lm_class: the loader for the LM, usually `transformers.AutoModelForCausalLM`. It is
                 passed in rather than imported so that this file needs torch alone.
-            **kwargs: passed on to `lm_class.from_pretrained` (e.g. `dtype`).
+            **kwargs: passed on to `lm_class.from_pretrained`.
 
         Returns:
             The wrapped model. Without `value_head.pt` (a plain LM, e.g. from the Hub) the value
             head starts at zero.
         """
-        model = cls(lm_class.from_pretrained(name_or_path, **kwargs))
+        model = cls(lm_class.from_pretrained(name_or_path, **{"dtype": torch.float32, **kwargs}))
         head_file = os.path.join(name_or_path, VALUE_HEAD_FILE)
         if os.path.isfile(head_file):
             model.v_head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
