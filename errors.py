@@ -123,3 +123,34 @@ def check_config(cfg, estimators) -> None:
         flags = " and ".join("--" + k.replace("_", "-") for k in ignored)
         raise ConfigError(f"--tiny builds its own policy and prompts, so {flags} would be ignored: "
                           "drop them, or drop --tiny")  # fmt: skip
+
+
+def check_pair_config(cfg, defaults) -> None:
+    """Raise ConfigError for a value no run of a pair learner (train_reward_model.py, train_dpo.py)
+    can use: the checks both share; `defaults` is the entry point's config with its defaults."""
+    if cfg.responses_per_prompt < 2:
+        raise ConfigError(f"--responses-per-prompt must be at least 2 (a pair), got {cfg.responses_per_prompt}")
+    for name in ("pairs", "heldout_pairs", "query_min_len", "response_min_len", "epochs", "batch_size", "lr"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.query_max_len < cfg.query_min_len or cfg.response_max_len < cfg.response_min_len:
+        raise ConfigError("each *-max-len must be at least its *-min-len")
+    if cfg.tiny and (cfg.model, cfg.dataset) != (defaults.model, defaults.dataset):
+        raise ConfigError("--tiny builds its own policy and prompts, so --model and --dataset would be ignored: "
+                          "drop them, or drop --tiny")  # fmt: skip
+
+
+def exit_status(run, what_is_lost: str) -> int:
+    """Run `run()` as a command: a RunError becomes `error: <line>` and its status; Ctrl-C one line
+    saying `what_is_lost` and status 130; anything else is a bug and keeps its traceback."""
+    import sys
+
+    try:
+        run()
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"stopped by Ctrl-C {what_is_lost}", file=sys.stderr)
+        return 130
+    return 0

@@ -302,13 +302,28 @@ def left_pad(queries, pad_id: int, device):
         query_ids: (B, Q) long.
         query_mask: (B, Q) bool, True at real tokens.
     """
-    Q = max(len(q) for q in queries)
-    query_ids = torch.full((len(queries), Q), pad_id, dtype=torch.long)  # (B, Q)
-    query_mask = torch.zeros((len(queries), Q), dtype=torch.bool)  # (B, Q)
-    for i, q in enumerate(queries):
-        query_ids[i, Q - len(q) :] = torch.tensor(q, dtype=torch.long)
-        query_mask[i, Q - len(q) :] = True
-    return query_ids.to(device), query_mask.to(device)
+    return _pad(queries, pad_id, device, left=True)
+
+
+def right_pad(responses, pad_id: int, device):
+    """Responses of different lengths as one right-padded batch, so that all of them start together.
+
+    Returns:
+        response_ids: (B, T) long.
+        response_mask: (B, T) bool, True at real tokens.
+    """
+    return _pad(responses, pad_id, device, left=False)
+
+
+def _pad(rows, pad_id: int, device, left: bool):
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(rows), L), dtype=torch.bool)  # (B, L)
+    for i, r in enumerate(rows):
+        place = slice(L - len(r), L) if left else slice(0, len(r))
+        ids[i, place] = torch.tensor(r, dtype=torch.long)
+        mask[i, place] = True
+    return ids.to(device), mask.to(device)
 
 
 def prepare_training(policy, cfg):

@@ -35,13 +35,31 @@ References: [1] Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Mod
 disabled; [3] peft's `LoraConfig`, `get_peft_model`, `PeftModel.disable_adapter`.
 """
 
+import contextlib
 import os
+import re
 import warnings
 
 from errors import ConfigError
 
 ADAPTER_DIR = "adapter"
 PEFT_VERSION = "0.21.2"  # as pinned in requirements.txt
+
+
+# Library notes that a user can do nothing about, each answered by the module docstring: the head's
+# fan_in_fan_out differs from the Conv1D layers' (peft sets each right), the tied head's adapter is
+# saved with the embedding, and transformers renamed a method that peft still calls.
+PEFT_NOTES = ("fan_in_fan_out is set to", "Model has `tie_word_embeddings=True`", "Setting `save_embedding_layers`",
+              "`is_gradient_checkpointing` is deprecated")  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """A block in which peft's and transformers' notes above are not printed (other warnings are)."""
+    with warnings.catch_warnings():
+        for note in PEFT_NOTES:
+            warnings.filterwarnings("ignore", message=re.escape(note))
+        yield
 
 
 def import_peft():
@@ -92,9 +110,7 @@ def add_lora(policy, rank: int, alpha: float, dropout: float) -> AdaptersOff:
     conv1d = "Conv1D" in layers.values()
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              fan_in_fan_out=conv1d, task_type="CAUSAL_LM")  # fmt: skip
-    with warnings.catch_warnings():  # two notes from peft that the card above answers:
-        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to True but the target module")  # lm_head
-        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")  # the head's adapter: output only
+    with quiet_peft():
         policy.lm = peft.get_peft_model(lm, config)  # freezes every weight of the LM, adds A and B
     policy.eval()  # new modules start in training mode; the update switches LoRA's dropout on (ppo_update)
     return AdaptersOff(policy)
@@ -118,14 +134,14 @@ def save(policy, directory: str) -> None:
 
     peft = import_peft()
     adapter = os.path.join(directory, ADAPTER_DIR)
-    policy.lm.save_pretrained(adapter)
+    with quiet_peft():
+        policy.lm.save_pretrained(adapter)
     base = AutoModelForCausalLM.from_pretrained(policy.lm.get_base_model().config._name_or_path, dtype=torch.float32)
     if base.config.tie_word_embeddings:  # the head's adapter changes the output side only: untie before merging
         head = base.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
         base.config.tie_word_embeddings = False
-    with warnings.catch_warnings():  # untied above, as the warning asks
-        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
+    with quiet_peft():  # untied above, as the tie warning asks
         merged = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.generation_config = policy.lm.generation_config  # pure sampling, as the policy samples
     merged.save_pretrained(directory)

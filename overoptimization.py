@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import loading
+import pairs
 import ppo_rlhf
 import tiny
 import train_reward_model
@@ -58,7 +59,7 @@ def best_of_n(reward_dir: str, n_max: int, prompts: int, seed: int) -> list:
     queries = loading.build_queries(reviews, tokenizer, cfg.query_min_len, cfg.query_max_len,
                                     torch.Generator().manual_seed(seed))[:prompts]  # fmt: skip
     torch.manual_seed(seed)
-    texts = train_reward_model.sample_responses(policy, tokenizer, queries, cfg, device, per_prompt=n_max)
+    _, texts = pairs.sample_responses(policy, tokenizer, queries, cfg, device, per_prompt=n_max)
     proxy = loading.load_score_fn(reward_dir, "", 64, device)(texts).view(prompts, n_max)  # (P, n_max)
     gold = torch.tensor(tiny.judge(texts)).view(prompts, n_max)  # (P, n_max)
     rows, n = [], 1
@@ -171,7 +172,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--betas", nargs="+", default=["0", "0.03", "0.1", "adaptive"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the KL on / off claims")
     parser.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (half --tiny's, so the rise shows)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=80, help="PPO steps: 80, so that the KL-off gold has fallen by the end")
     parser.add_argument("--best-of", type=int, default=64, help="largest n of best-of-n")
     parser.add_argument("--output-dir", default="runs/overoptimization")
     parser.add_argument("--picture", default="docs/overoptimization.png")
@@ -187,18 +188,18 @@ def main(argv=None) -> dict:
     results = dict(settings=vars(args), reward_models={}, claims=[])
 
     default = train_reward_model.TINY_OVERRIDES["pairs"]  # the claims are about this one
-    for pairs in sorted(set(args.pairs) | {default}):
+    for n_pairs in sorted(set(args.pairs) | {default}):
         # 1. step 2: the reward model
-        rm_dir = os.path.join(out, f"rm-{pairs}")
-        rm_cfg = dict(train_reward_model.TINY_OVERRIDES, pairs=pairs, output_dir=rm_dir, device="cpu")
+        rm_dir = os.path.join(out, f"rm-{n_pairs}")
+        rm_cfg = dict(train_reward_model.TINY_OVERRIDES, pairs=n_pairs, output_dir=rm_dir, device="cpu")
         evaluation = train_reward_model.main(train_reward_model.Config(**rm_cfg))
-        rm = results["reward_models"][str(pairs)] = dict(pairs=pairs, **evaluation, ppo={})
+        rm = results["reward_models"][str(n_pairs)] = dict(pairs=n_pairs, **evaluation, ppo={})
         # 2. best-of-n; its n = 1 row (4096 samples of the starting policy) is every curve's origin
         bon = rm["best_of_n"] = best_of_n(rm_dir, args.best_of, 64, args.seeds[0])
         start = {PROXY: bon[0]["proxy"], GOLD: bon[0]["gold"]}
         # 3. step 3 for each β, seed 0
         for beta in args.betas:
-            log = ppo_run(rm_dir, os.path.join(out, f"ppo-{pairs}-beta{beta}"), args.seeds[0], beta, args.lr, args.steps)
+            log = ppo_run(rm_dir, os.path.join(out, f"ppo-{n_pairs}-beta{beta}"), args.seeds[0], beta, args.lr, args.steps)
             rm["ppo"][beta] = {k: smooth([r[key] - start[key] for r in log]) for k, key in (("proxy", PROXY), ("gold", GOLD))}
             rm["ppo"][beta].update(kl=smooth([r["kl"] for r in log]), raw=[{k: r[k] for k in ("step", PROXY, GOLD, "kl",
                                    "fluency")} for r in log])  # fmt: skip

@@ -284,12 +284,13 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
     full_kl = cfg.kl_kind == "full"  # only the exact KL needs the (B, T, V) logits
     with torch.no_grad(), autocast():
+        episodes = (query_ids, query_mask, response_ids, response_mask)
         logprobs, values, logits, entropy = batched_forward_pass(
-            model, query_ids, query_mask, response_ids, response_mask, full_kl, True, cfg.row_tokens
+            model, *episodes, return_logits=full_kl, return_entropy=True, row_tokens=cfg.row_tokens
         )  # (B, T), (B, T), (B, T, V) or None, (B, T)
         ref_logprobs, _, ref_logits, _ = batched_forward_pass(
-            ref_model, query_ids, query_mask, response_ids, response_mask, full_kl, row_tokens=cfg.row_tokens
-        )  # fmt: skip
+            ref_model, *episodes, return_logits=full_kl, row_tokens=cfg.row_tokens
+        )  # (B, T), -, (B, T, V) or None
     timer("forward")
 
     # 4. KL-shaped rewards (tutorial: "Compute rewards"); GRPO keeps β·KL out of them, for its loss

@@ -124,6 +124,26 @@ def judge(texts) -> list:
     return [4.0 * is_fluent(t) + 2.0 * math.tanh(sentiment(t) / 2) for t in texts]
 
 
+
+# The judge's mean and standard deviation over the world's starting policy's own answers (2000 of
+# them, 2 to each of 1000 prompts, seed 0); a test measures them again.
+JUDGE_MEAN, JUDGE_STD = 3.80, 1.12
+
+
+def judge_normalized(texts) -> list:
+    """The judge as a reward for PPO: (g − mean) / std over the starting policy's answers.
+
+    The same normalization step 2 gives its reward model (reward_model.normalize_head, plus the
+    centering term), so that PPO against the judge (`--reward-fn tiny:judge_normalized`, the
+    frontier's PPO-GT) gets the care PPO against a reward model gets. Raw, the judge gives every
+    fluent text about 4: with a value head that starts at 0, GAE then hands each token an
+    advantage of about 4·λ^(tokens to the end), which differs more between the first and the last
+    token of a response than the sentiment part differs between responses. Measured: PPO on the
+    raw judge lowered it (frontier.py, seed 0, β 0.3: 3.78 → 3.70 over 50 steps, fluent 96% → 83%).
+    """
+    return [(g - JUDGE_MEAN) / JUDGE_STD for g in judge(texts)]
+
+
 def sample_review(rng: random.Random):
     """A random review of the language and its sentiment (#positive − #negative words).
 

@@ -7,12 +7,13 @@
 The sibling of ppo_rlhf.py: the same loaders (loading.py), the same one-line errors, the concept
 in its own file (reward_model.py). Comparisons come from a preference dataset with `chosen` and
 `rejected` columns (`--preferences`), or are made as Gao et al. (2022) made theirs: the starting
-policy answers each prompt twice, and a judge standing for the raters scores both answers. The
-judge is never asked which is better; the label is drawn with the Bradley–Terry probability
-σ(g₁ − g₂), so two answers the judge finds alike are a coin toss, as they are for people.
+policy answers each prompt K times (`--responses-per-prompt`, 2 by default), and a judge standing
+for the raters scores every answer. The judge is never asked which is better; the label of each
+pair is drawn with the Bradley–Terry probability σ(g₁ − g₂), so two answers the judge finds alike
+are a coin toss, as they are for people. train_dpo.py takes its pairs from the same maker (pairs.py).
 
-    1. pairs      two responses of the starting policy to each prompt   (`sample_responses`)
-    2. labels     the judge's scores, and a label drawn from σ(g₁ − g₂)  (reward_model.preference_probability)
+    1. pairs      K responses of the starting policy to each prompt     (pairs.sample_responses)
+    2. labels     the judge's scores, each pair's label drawn from σ(g₁ − g₂)  (pairs.judged_pairs)
     3. train      Bradley–Terry loss + centering, shuffled minibatches  (reward_model.bradley_terry_loss)
     4. evaluate   rescale to rewards of std 1 on the policy's samples     (reward_model.normalize_head),
                   then held-out pair accuracy: the model's and the judge's (reward_model.pair_accuracy)
@@ -39,11 +40,11 @@ import report
 import tiny
 from checkpoint import check_writable, save_model_folder
 from command_line import arg, parse_config
-from errors import ConfigError, RunError, load_errors_as_config_error
-from loading import build_queries, left_pad, load_policy_and_tokenizer, load_preference_pairs, load_review_texts
+from errors import ConfigError, check_pair_config, exit_status, load_errors_as_config_error
+from loading import build_queries, load_preference_pairs, load_review_texts
 from loading import load_scorer, load_tokenizer, offline_if_hub_unreachable, resolve_device, seed_everything
+from pairs import make_pairs
 from reward_model import bradley_terry_loss, centering_loss, last_token_rewards, normalize_head, pair_accuracy
-from reward_model import preference_probability
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Config:
     tiny: bool = arg(False, "offline: the policy, prompts and judge of tiny.py's world")
     # pairs, as ppo_rlhf.py's rollout samples
     pairs: int = arg(5000, "training pairs to sample and label (with --preferences: at most this many)")
+    responses_per_prompt: int = arg(2, "K responses sampled per prompt, all K·(K−1)/2 pairs judged (pairs.py); "
+                                       "the DPO paper's 4 gives 6 pairs a prompt")
     heldout_pairs: int = arg(500, "pairs held out for the accuracies in eval.json, on prompts never trained on")
     query_min_len: int = arg(2, "shortest query, in tokens")
     query_max_len: int = arg(7, "longest query, in tokens")
@@ -78,48 +81,16 @@ class Config:
     output_dir: str = arg("runs/reward", "where the reward model, its tokenizer and eval.json go")
 
 
-TINY_OVERRIDES = dict(tiny=True, judge="tiny:judge", pairs=4000, heldout_pairs=400, epochs=4, lr=1e-3,
+TINY_OVERRIDES = dict(tiny=True, judge="tiny:judge", pairs=6000, heldout_pairs=400, epochs=4, lr=1e-3,
                       min_review_chars=0, output_dir="runs/reward-tiny")  # fmt: skip
 HELP_GROUPS = {"model": "what to learn from", "pairs": "pairs", "epochs": "training"}
 
 
 def check_config(cfg: Config) -> None:
     """Raise ConfigError, one line naming the fix, for a value no run can use."""
-    for name in ("pairs", "heldout_pairs", "query_min_len", "response_min_len", "epochs", "batch_size", "lr"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    check_pair_config(cfg, Config())
     if cfg.center_coef < 0:
         raise ConfigError(f"--center-coef must not be negative, got {cfg.center_coef}")
-    if cfg.query_max_len < cfg.query_min_len or cfg.response_max_len < cfg.response_min_len:
-        raise ConfigError("each *-max-len must be at least its *-min-len")
-    if cfg.tiny and (cfg.model, cfg.dataset) != (Config.model, Config.dataset):
-        raise ConfigError("--tiny builds its own policy and prompts, so --model and --dataset would be ignored: "
-                          "drop them, or drop --tiny")  # fmt: skip
-
-
-def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 2, prompts_per_call: int = 128):
-    """`per_prompt` responses of the policy to each query, sampled as ppo_rlhf.py's rollout samples
-    them: pure sampling (the loaded generation config), a length drawn per response from
-    [response_min_len, response_max_len], cut after an EOS.
-
-    Returns:
-        texts: query + response, the `per_prompt` answers to a query in consecutive places.
-    """
-    from tqdm import tqdm
-
-    texts = []
-    for i in tqdm(range(0, len(queries), prompts_per_call), desc=f"sampling {per_prompt} responses to each prompt",
-                  unit="call", dynamic_ncols=True):  # fmt: skip
-        rows = [q for q in queries[i : i + prompts_per_call] for _ in range(per_prompt)]  # side by side
-        query_ids, query_mask = left_pad(rows, tokenizer.pad_token_id, device)  # (R, Q)
-        lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (len(rows),))  # (R,)
-        with torch.no_grad():
-            out = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(),
-                                  max_new_tokens=int(lengths.max()))  # (R, Q + T)  # fmt: skip
-        responses = out[:, query_ids.shape[1] :].cpu()  # (R, T); after an EOS, padding (EOS again)
-        ids = [q + r[:n].tolist() for q, r, n in zip(rows, responses, lengths.tolist())]
-        texts += tokenizer.batch_decode(ids, skip_special_tokens=True)  # special tokens (EOS, pads) dropped
-    return texts
 
 
 def rewards_of(reward_model, tokenizer, texts, device) -> torch.Tensor:
@@ -149,7 +120,7 @@ def main(cfg: Config) -> dict:
     tokenizer = load_tokenizer(model)
     n = cfg.pairs + cfg.heldout_pairs
 
-    # 1. pairs: a preference dataset's, or two responses of the starting policy to each prompt
+    # 1. pairs: a preference dataset's, or K responses of the starting policy to each prompt
     if cfg.preferences:
         chosen, rejected = load_preference_pairs(cfg.preferences, cfg.preferences_split)
         if len(chosen) < 2:
@@ -163,24 +134,13 @@ def main(cfg: Config) -> dict:
         reviews = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
         queries = build_queries(reviews, tokenizer, cfg.query_min_len, cfg.query_max_len, torch.Generator().manual_seed(cfg.seed))
         random.Random(cfg.seed).shuffle(queries)
-        if len(queries) <= cfg.heldout_pairs:
-            raise ConfigError(f"only {len(queries)} prompts, not more than --heldout-pairs {cfg.heldout_pairs}: "
-                              "lower it or use a larger dataset")  # fmt: skip
-        held, train = queries[: cfg.heldout_pairs], queries[cfg.heldout_pairs :]  # held-out prompts: never trained on
-        train = [train[i % len(train)] for i in range(cfg.pairs)]  # a prompt may come back, with new responses
-        print(f"sampling {2 * n} responses of {model} to {n} prompts, 128 prompts a call")
-        policy, _ = load_policy_and_tokenizer(model, device)  # the tokenizer above is the one used and saved
-        texts = sample_responses(policy, tokenizer, held + train, cfg, device)
-        del policy  # the reward model is loaded below, from the same folder
-        texts_a, texts_b = texts[0::2], texts[1::2]  # the two answers to each prompt
+        # 2. labels: the judge scores every response; of each pair, the first wins with σ(g_1 − g_2) (pairs.py)
+        held, train = make_pairs(model, tokenizer, queries, judge, cfg, device, cfg.pairs, cfg.heldout_pairs,
+                                 cfg.responses_per_prompt, cfg.seed)  # fmt: skip
+        both = held + train
+        chosen, rejected = [p["chosen"] for p in both], [p["rejected"] for p in both]
+        g_chosen, g_rejected = torch.tensor([p["g_chosen"] for p in both]), torch.tensor([p["g_rejected"] for p in both])
         n_held = len(held)
-
-        # 2. labels: the judge scores both responses; a wins with probability σ(g_a − g_b)
-        g_a, g_b = judge(texts_a).float(), judge(texts_b).float()  # (n,) each
-        a_wins = torch.rand(len(texts_a), generator=torch.Generator().manual_seed(cfg.seed)) < preference_probability(g_a, g_b)
-        chosen = [a if w else b for a, b, w in zip(texts_a, texts_b, a_wins.tolist())]
-        rejected = [b if w else a for a, b, w in zip(texts_a, texts_b, a_wins.tolist())]
-        g_chosen, g_rejected = torch.where(a_wins, g_a, g_b), torch.where(a_wins, g_b, g_a)  # (n,)
     train_pairs = list(zip(chosen[n_held:], rejected[n_held:]))
 
     # 3. train: the policy's transformer and a fresh Linear(H, 1) head, on the Bradley–Terry loss
@@ -242,17 +202,10 @@ def main(cfg: Config) -> dict:
 
 def cli(argv=None) -> int:
     """`python train_reward_model.py ...`: run, and turn a RunError into one line and an exit status."""
-    try:
-        main(parse_config(Config, argv, "RLHF step 2: learn a reward model from comparisons.", HELP_GROUPS,
-                          TINY_OVERRIDES))  # fmt: skip
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:  # the model is saved whole at the end, or not at all (checkpoint.save_model_folder)
-        print("stopped by Ctrl-C before the reward model was saved: nothing was written; run it again",
-              file=sys.stderr)  # fmt: skip
-        return 130
-    return 0
+    parse = lambda: parse_config(Config, argv, "RLHF step 2: learn a reward model from comparisons.",  # noqa: E731
+                                 HELP_GROUPS, TINY_OVERRIDES)  # fmt: skip
+    # the model is saved whole at the end, or not at all (checkpoint.save_model_folder)
+    return exit_status(lambda: main(parse()), "before the reward model was saved: nothing was written; run it again")
 
 
 if __name__ == "__main__":

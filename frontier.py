@@ -1,0 +1,224 @@
+"""PPO or DPO? The DPO paper's IMDb frontier (Rafailov et al. 2023, §6.1, Fig. 2 left), offline.
+
+    python frontier.py                      # the tiny world, 3 seeds; docs/frontier.png and docs/frontier.json
+    python frontier.py --seeds 0 --steps 10 # a quick look
+    python frontier.py --tables docs/frontier.json         # the table and the picture, from the results
+
+The DPO paper compared, on this project's task, methods that all start from the same policy and
+learn from the same preferences, by the true reward they reach against the KL they spend: the
+frontier. Here, per seed, in the tiny world (tiny.judge is the true reward, as the sentiment
+classifier was there):
+
+    1. pairs     4 responses of the starting policy to each prompt, all 6 pairs judged (pairs.py),
+                 made once by the first DPO run and written to its pairs.jsonl
+    2. step 2    a reward model from the same training pairs (train_reward_model.py)
+    3. methods   each at 3 settings fixed in advance, the same budget for every method:
+                   PPO        against the step-2 reward model, fixed KL coefficient β
+                   PPO-GT     against the judge itself, normalized as step 2 normalizes a reward
+                              model (--reward-fn tiny:judge_normalized), the same β
+                   DPO        on the same pairs, at three values of its β
+                   best-of-n  n samples of the starting policy, the reward model's favourite kept;
+                              its KL is exact: log n − (n − 1)/n
+    4. measure   every trained policy answers the same held-out prompts once: the judge's mean
+                 score (gold), KL(π ‖ π_ref) per response estimated on those samples as
+                 train_dpo.evaluate does for DPO, and the fluent share
+    5. results   every point (method, setting, seed, kl, gold, fluency) in results.json, a copy in
+                 docs/frontier.json, and the picture docs/frontier.png
+
+Nothing here was tuned for either side: PPO runs `--tiny`'s settings at `--lr 1e-4` (the lr
+docs/reward-model.md uses against a learned reward), DPO `train_dpo.py --tiny`'s.
+"""
+
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+import loading
+import pairs as pair_maker
+import ppo_rlhf
+import tiny
+import train_dpo
+import train_reward_model
+
+# Three settings per method, fixed before the runs: PPO's fixed KL coefficient around --tiny's 0.2 start, DPO's β
+# around train_dpo.py --tiny's 0.5, best-of-n's n a factor 4 apart.
+SETTINGS = {"PPO": [0.03, 0.1, 0.3], "PPO-GT": [0.03, 0.1, 0.3], "DPO": [0.1, 0.5, 2.0], "best-of-n": [4, 16, 64]}
+PARAM = {"PPO": "β", "PPO-GT": "β", "DPO": "β", "best-of-n": "n"}
+
+
+def held_out_prompts(pairs_file: str, limit: int) -> list:
+    """The held-out prompts of a pairs.jsonl, in order, as token ids."""
+    with open(pairs_file) as f:
+        rows = [json.loads(line) for line in f]
+    prompts = {tuple(r["prompt_ids"]): None for r in rows if r["split"] == "heldout"}
+    return [list(p) for p in prompts][:limit]
+
+
+def ppo_point(out: str, seed: int, beta: float, lr: float, steps: int, reward: dict) -> None:
+    """One PPO run in `out` (its policy is saved there)."""
+    cfg = ppo_rlhf.tiny_config(output_dir=out, seed=seed, lr=lr, steps=steps, init_kl_coef=beta, adaptive_kl=False,
+                               sample_every=0, eval_prompts=0, device="cpu", **reward)  # fmt: skip
+    ppo_rlhf.main(cfg)
+
+
+def best_of_n(reference, tokenizer, queries, score, n_max: int, ns, seed: int, cfg) -> list:
+    """Best-of-n for each n in `ns` from one draw of n_max answers per prompt (disjoint groups)."""
+    device = torch.device("cpu")
+    with loading.fork_rng(device):
+        torch.manual_seed(seed)
+        _, texts = pair_maker.sample_responses(reference, tokenizer, queries, cfg, device, per_prompt=n_max)
+    proxy = score(texts).view(len(queries), n_max)  # (P, n_max)
+    gold = torch.tensor(tiny.judge(texts)).view(len(queries), n_max)  # (P, n_max)
+    fluent = torch.tensor([float(tiny.is_fluent(t)) for t in texts]).view(len(queries), n_max)
+    points = []
+    for n in ns:
+        best = proxy.view(len(queries), -1, n).argmax(-1, keepdim=True)  # (P, n_max / n, 1)
+        pick = lambda x: x.view(len(queries), -1, n).gather(-1, best).mean().item()  # noqa: E731
+        points.append(dict(setting=n, kl=math.log(n) - (n - 1) / n, gold=pick(gold), fluency=pick(fluent)))
+    return points
+
+
+def draw(points: list, path: str) -> None:
+    """Gold against KL, one colour per method, each seed's point small and the seed mean large."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    colors = dict(zip(SETTINGS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for method in SETTINGS:
+        mine = [p for p in points if p["method"] == method]
+        ax.scatter([p["kl"] for p in mine], [p["gold"] for p in mine], s=12, alpha=0.35, color=colors[method])
+        means = []
+        for setting in SETTINGS[method]:
+            same = [p for p in mine if p["setting"] == setting]
+            if same:
+                means.append((np.mean([p["kl"] for p in same]), np.mean([p["gold"] for p in same]), setting))
+        means.sort()
+        ax.plot([m[0] for m in means], [m[1] for m in means], "-o", color=colors[method], label=method)
+        for kl, gold, setting in means:
+            ax.annotate(f"{PARAM[method]}={setting}", (kl, gold), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    reference = [p for p in points if p["method"] == "reference"]
+    ax.axhline(np.mean([p["gold"] for p in reference]), color="gray", linestyle="--", linewidth=1,
+               label="starting policy")  # fmt: skip
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("KL(π ‖ π_ref) per response (nats)")
+    ax.set_ylabel("gold score (tiny.judge) on held-out prompts")
+    ax.set_title("The frontier in the tiny world: gold against KL (small dots: seeds; line: seed means)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"picture: {path}")
+
+
+def summary(points: list) -> str:
+    """A markdown table: per method and setting, the seed means of KL, gold and fluency."""
+    lines = ["| method | setting | KL (nats) | gold | fluent | seeds |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for method in ["reference", *SETTINGS]:
+        for setting in sorted({p["setting"] for p in points if p["method"] == method}, key=lambda x: (str(type(x)), x)):
+            same = [p for p in points if p["method"] == method and p["setting"] == setting]
+            mean = lambda k: np.mean([p[k] for p in same])  # noqa: E731
+            name = "—" if method == "reference" else f"{PARAM[method]} = {setting}"
+            lines.append(f"| {method} | {name} | {mean('kl'):.2f} | {mean('gold'):.2f} ± "
+                         f"{np.std([p['gold'] for p in same]):.2f} | {mean('fluency'):.0%} | {len(same)} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=50, help="PPO steps (as --tiny)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (as against a learned reward)")
+    parser.add_argument("--eval-prompts", type=int, default=50, help="held-out prompts every method answers")
+    parser.add_argument("--pairs", type=int, default=train_dpo.TINY_OVERRIDES["pairs"], help="training pairs per seed")
+    parser.add_argument("--output-dir", default="runs/frontier")
+    parser.add_argument("--picture", default="docs/frontier.png")
+    parser.add_argument("--results-copy", default="docs/frontier.json")
+    parser.add_argument("--tables", metavar="RESULTS_JSON", help="only print the table and redraw the picture of an "
+                                                                 "earlier run's results")
+    parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="run only these, keeping the other points of the results.json in --output-dir")
+    args = parser.parse_args(argv)
+    if args.tables:
+        with open(args.tables) as f:
+            points = json.load(f)["points"]
+        print(summary(points))
+        draw(points, args.picture)
+        return {}
+    out, device = args.output_dir, torch.device("cpu")
+    policy_dir = tiny.ensure_world()[0]
+    points = []
+    if set(args.methods) != set(SETTINGS):  # keep the earlier run's other points (the reference comes with DPO)
+        with open(os.path.join(out, "results.json")) as f:
+            kept = {m for m in SETTINGS if m not in args.methods} | ({"reference"} if "DPO" not in args.methods else set())
+            points = [p for p in json.load(f)["points"] if p["method"] in kept]
+    for seed in args.seeds:
+        base = os.path.join(out, f"seed{seed}")
+        # 1. pairs and DPO: the first DPO run makes the pairs, the others learn from its pairs.jsonl
+        pairs_file = None if "DPO" in args.methods else os.path.join(base, f"dpo-{SETTINGS['DPO'][0]}", "pairs.jsonl")
+        for beta in SETTINGS["DPO"] if "DPO" in args.methods else []:
+            dpo_dir = os.path.join(base, f"dpo-{beta}")
+            dpo_cfg = train_dpo.Config(**{**train_dpo.TINY_OVERRIDES, "seed": seed, "beta": beta, "device": "cpu",
+                                          "pairs": args.pairs,
+                                          "eval_prompts": args.eval_prompts, "output_dir": dpo_dir,
+                                          "preferences": pairs_file or ""})  # fmt: skip
+            result = train_dpo.main(dpo_cfg)
+            pairs_file = pairs_file or os.path.join(dpo_dir, "pairs.jsonl")
+            points.append(dict(method="DPO", setting=beta, seed=seed, kl=result["kl_policy"], gold=result["gold_policy"],
+                               fluency=result["fluency_policy"]))  # fmt: skip
+        if "DPO" in args.methods:
+            points.append(dict(method="reference", setting="—", seed=seed, kl=0.0, gold=result["gold_reference"],
+                               fluency=result["fluency_reference"]))  # fmt: skip
+        queries = held_out_prompts(pairs_file, args.eval_prompts)
+
+        # 2. step 2 on the same training pairs
+        train_only = os.path.join(base, "train-pairs.jsonl")
+        with open(pairs_file) as f, open(train_only, "w") as g:
+            g.writelines(line for line in f if json.loads(line)["split"] == "train")
+        rm_dir = os.path.join(base, "reward-model")
+        if "PPO" in args.methods or "best-of-n" in args.methods:
+            train_reward_model.main(train_reward_model.Config(**{**train_reward_model.TINY_OVERRIDES, "seed": seed,
+                                "device": "cpu", "preferences": train_only, "heldout_pairs": 100,
+                                "output_dir": rm_dir}))  # fmt: skip
+
+        # 3. PPO against the reward model and against the judge, then every policy measured alike
+        reference, tokenizer = loading.load_policy_and_tokenizer(policy_dir, device)
+        measure_cfg = dict(train_dpo.TINY_OVERRIDES, device="cpu")
+        for method, reward in (("PPO", dict(reward_model=rm_dir)), ("PPO-GT", dict(reward_fn="tiny:judge_normalized"))):
+            for beta in SETTINGS[method] if method in args.methods else []:
+                run = os.path.join(base, f"{method.lower()}-{beta}")
+                ppo_point(run, seed, beta, args.lr, args.steps, reward)
+                policy, _ = loading.load_policy_and_tokenizer(run, device)
+                m = train_dpo.evaluate(policy, reference, tokenizer, queries, lambda t: torch.tensor(tiny.judge(t)),
+                                       train_dpo.Config(**measure_cfg), device, seed)  # fmt: skip
+                points.append(dict(method=method, setting=beta, seed=seed, kl=m["kl"], gold=m["gold"],
+                                   fluency=m["fluency"]))  # fmt: skip
+
+        # best-of-n against the same reward model, on the same held-out prompts
+        score = loading.load_score_fn(rm_dir, "", 64, device)
+        for p in best_of_n(reference, tokenizer, queries, score, max(SETTINGS["best-of-n"]), SETTINGS["best-of-n"],
+                           seed, train_dpo.Config(**measure_cfg)) if "best-of-n" in args.methods else []:  # fmt: skip
+            points.append(dict(method="best-of-n", seed=seed, **p))
+
+    # 5. results and the picture
+    results = dict(settings=dict(vars(args), methods=SETTINGS), points=points)
+    for path in (os.path.join(out, "results.json"), args.results_copy):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    print(summary(points))
+    draw(points, args.picture)
+    return results
+
+
+if __name__ == "__main__":
+    main()

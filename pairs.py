@@ -1,0 +1,116 @@
+"""Comparisons made from the starting policy's own answers, the way Gao et al. (2022) and the DPO
+paper (Rafailov et al. 2023, §6.1) made theirs: K responses to each prompt, sampled as the PPO
+rollout samples them, and every one of the K·(K−1)/2 pairs labelled by a judge standing for the
+raters. The judge is never asked which is better: it scores each answer (g), and the first of a
+pair wins with the Bradley–Terry probability σ(g_i − g_j), so two answers it finds alike are a
+coin toss, as they are for people.
+
+Step 2 (train_reward_model.py) and DPO (train_dpo.py) both take their pairs from here, so they can
+learn from the very same comparisons.
+
+    prompt p:  responses r0 r1 r2 r3          (K = 4)
+    pairs:     (r0,r1) (r0,r2) (r0,r3) (r1,r2) (r1,r3) (r2,r3)      6 = K·(K−1)/2, in this order
+"""
+
+import math
+
+import torch
+
+from loading import left_pad
+from reward_model import preference_probability
+
+
+def pairs_per_prompt(k: int) -> int:
+    return k * (k - 1) // 2
+
+
+def prompts_for(n_pairs: int, k: int) -> int:
+    """How many prompts give at least `n_pairs` pairs with K responses each."""
+    return math.ceil(n_pairs / pairs_per_prompt(k))
+
+
+def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 2, prompts_per_call: int = 128):
+    """`per_prompt` responses of the policy to each query, sampled as ppo_rlhf.py's rollout samples
+    them: pure sampling (the loaded generation config), a length drawn per response from
+    [response_min_len, response_max_len], cut right after an EOS.
+
+    Returns:
+        responses: token ids of each response (query excluded), the `per_prompt` answers to a
+            query in consecutive places.
+        texts: query + response of each, decoded without special tokens.
+    """
+    from tqdm import tqdm
+
+    responses, texts = [], []
+    for i in tqdm(range(0, len(queries), prompts_per_call), desc=f"sampling {per_prompt} responses to each prompt",
+                  unit="call", dynamic_ncols=True):  # fmt: skip
+        rows = [q for q in queries[i : i + prompts_per_call] for _ in range(per_prompt)]  # side by side
+        query_ids, query_mask = left_pad(rows, tokenizer.pad_token_id, device)  # (R, Q)
+        lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (len(rows),))  # (R,)
+        with torch.no_grad():
+            out = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(),
+                                  max_new_tokens=int(lengths.max()))  # (R, Q + T)  # fmt: skip
+        generated = out[:, query_ids.shape[1] :].cpu().tolist()  # (R, T); after an EOS, padding (EOS again)
+        for q, r, n in zip(rows, generated, lengths.tolist()):
+            r = r[:n]
+            if tokenizer.eos_token_id in r:  # cut right after the first EOS: what follows is padding
+                r = r[: r.index(tokenizer.eos_token_id) + 1]
+            responses.append(r)
+            texts.append(tokenizer.decode(q + r, skip_special_tokens=True))  # special tokens (EOS) dropped
+    return responses, texts
+
+
+def judged_pairs(queries, responses, texts, scores, per_prompt: int, seed: int) -> list:
+    """Every pair of the K responses to each prompt, labelled: the first wins with σ(g_i − g_j).
+
+    Args:
+        queries: the prompts' token ids; responses, texts: as `sample_responses` returns them.
+        scores: (len(texts),) the judge's score of each text.
+        per_prompt: K.
+        seed: seeds the draws of the labels.
+
+    Returns:
+        One dict per pair: prompt_ids, chosen_ids, rejected_ids (token ids), chosen, rejected (query
+        + response texts), g_chosen, g_rejected (the judge's scores).
+    """
+    index = [(p, p * per_prompt + i, p * per_prompt + j) for p in range(len(queries))
+             for i in range(per_prompt) for j in range(i + 1, per_prompt)]  # fmt: skip
+    a, b = torch.tensor([x[1] for x in index]), torch.tensor([x[2] for x in index])
+    scores = scores.float()
+    first_wins = torch.rand(len(index), generator=torch.Generator().manual_seed(seed)) < preference_probability(
+        scores[a], scores[b]
+    )  # (pairs,)
+    pairs = []
+    for (p, i, j), win in zip(index, first_wins.tolist()):
+        c, r = (i, j) if win else (j, i)
+        pairs.append(dict(prompt_ids=queries[p], chosen_ids=responses[c], rejected_ids=responses[r], chosen=texts[c],
+                          rejected=texts[r], g_chosen=float(scores[c]), g_rejected=float(scores[r])))  # fmt: skip
+    return pairs
+
+
+def make_pairs(model: str, tokenizer, queries, judge, cfg, device, n_pairs: int, n_heldout: int, k: int, seed: int):
+    """Held-out and training pairs judged from K responses of the starting policy to each prompt.
+
+    The first prompts are held out (never trained on) and give the held-out pairs; the rest give
+    the training pairs, a prompt coming back with new responses when there are too few.
+
+    Returns:
+        (held-out pairs, training pairs), each a list of `judged_pairs` dicts.
+    """
+    from errors import ConfigError
+    from loading import load_policy_and_tokenizer
+
+    n_held = prompts_for(n_heldout, k)
+    if len(queries) <= n_held:
+        raise ConfigError(f"only {len(queries)} prompts, not more than the {n_held} that --heldout-pairs {n_heldout} "
+                          f"needs at {k} responses per prompt: lower it or use a larger dataset")  # fmt: skip
+    held, train = queries[:n_held], queries[n_held:]
+    train = [train[i % len(train)] for i in range(prompts_for(n_pairs, k))]  # a prompt may come back
+    prompts = held + train
+    print(f"sampling {k * len(prompts)} responses of {model} to {len(prompts)} prompts, 128 prompts a call")
+    policy, _ = load_policy_and_tokenizer(model, device)  # the caller's tokenizer is the one used and saved
+    responses, texts = sample_responses(policy, tokenizer, prompts, cfg, device, per_prompt=k)
+    del policy
+    pairs = judged_pairs(prompts, responses, texts, judge(texts), k, seed)
+    cut = n_held * pairs_per_prompt(k)
+    return pairs[:cut][:n_heldout], pairs[cut:][:n_pairs]
