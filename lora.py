@@ -23,7 +23,7 @@ head's adapter changes the output side only (the embedding of the input tokens s
 the merged model unties the two, its head W + (α/r)·B·A, its embedding W. The head matters: in
 the --tiny world a full fine-tune with the (tied) embedding frozen gained +0.14 in 50 steps
 instead of +0.81, and LoRA on the transformer's layers alone gained at most +0.37 at every
-setting tried (README, "LoRA"). The value head is trained in full, on the adapted transformer.
+setting tried (docs/lora.md). The value head is trained in full, on the adapted transformer.
 
 What is saved (checkpoint.py): the merged model (W + (α/r)·B·A, a plain causal LM that
 `from_pretrained` and `pipeline("text-generation")` load), the adapter in peft's own format in
