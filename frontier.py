@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import loading
+import overoptimization
 import pairs as pair_maker
 import ppo_rlhf
 import tiny
@@ -66,7 +67,8 @@ def ppo_point(out: str, seed: int, beta: float, lr: float, steps: int, reward: d
 
 
 def best_of_n(reference, tokenizer, queries, score, n_max: int, ns, seed: int, cfg) -> list:
-    """Best-of-n for each n in `ns` from one draw of n_max answers per prompt (disjoint groups)."""
+    """Best-of-n for each n in `ns` from one draw of n_max answers per prompt
+    (overoptimization.best_in_groups)."""
     device = torch.device("cpu")
     with loading.fork_rng(device):
         torch.manual_seed(seed)
@@ -76,9 +78,8 @@ def best_of_n(reference, tokenizer, queries, score, n_max: int, ns, seed: int, c
     fluent = torch.tensor([float(tiny.is_fluent(t)) for t in texts]).view(len(queries), n_max)
     points = []
     for n in ns:
-        best = proxy.view(len(queries), -1, n).argmax(-1, keepdim=True)  # (P, n_max / n, 1)
-        pick = lambda x: x.view(len(queries), -1, n).gather(-1, best).mean().item()  # noqa: E731
-        points.append(dict(setting=n, kl=math.log(n) - (n - 1) / n, gold=pick(gold), fluency=pick(fluent)))
+        _, gold_mean, fluency = overoptimization.best_in_groups(proxy, n, gold, fluent)
+        points.append(dict(setting=n, kl=math.log(n) - (n - 1) / n, gold=gold_mean, fluency=fluency))
     return points
 
 

@@ -165,13 +165,10 @@ def packs_exactly(model) -> tuple:
     device = next(getattr(inner, "policy", inner).parameters()).device  # lora.AdaptersOff: the policy's
     a = torch.tensor([5, 17, 3, 11, 2, 29, 7], device=device)  # any ids: every vocabulary has these
     b = torch.tensor([13, 4, 23, 8, 19], device=device)
-    gen = lambda x: torch.arange(len(x), device=device)  # noqa: E731
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        packed, _ = _call(inner, torch.cat([a, b])[None], torch.cat([gen(a), gen(b)])[None], None, None)
-        alone = [_call(inner, x[None], gen(x)[None], None, None)[0] for x in (a, b)]
-    if packed.dim() == 3:  # a value-head model without `keep` gives (1, N, V)
-        packed = packed[0]
-    alone = torch.cat([x.reshape(-1, x.shape[-1]) for x in alone])  # (N, V)
+    positions = lambda x: torch.arange(len(x), device=device)  # noqa: E731
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # without `keep`: (1, n, V) logits
+        packed = _call(inner, torch.cat([a, b])[None], torch.cat([positions(a), positions(b)])[None], None, None)[0][0]
+        alone = torch.cat([_call(inner, x[None], positions(x)[None], None, None)[0][0] for x in (a, b)])  # (N, V)
     gap = (packed.float().log_softmax(-1) - alone.float().log_softmax(-1)).abs().max().item()
     answer = gap <= 1e-4 + 1e-5 * alone.abs().max().item()
     _PACKS_EXACTLY[inner] = (answer, gap)

@@ -49,6 +49,15 @@ def smooth(xs, k: int = 5) -> list:
     return [float(np.mean(xs[max(0, i - k // 2) : i + k // 2 + 1])) for i in range(len(xs))]
 
 
+def best_in_groups(proxy: torch.Tensor, n: int, *scores: torch.Tensor) -> list:
+    """Best-of-n from n_max answers per prompt: the answers cut into n_max / n disjoint groups of n,
+    each keeping the proxy's favourite; the mean of the proxy and of each of `scores` over those
+    favourites. `proxy` and `scores`: (P, n_max), n dividing n_max."""
+    P = proxy.shape[0]
+    best = proxy.view(P, -1, n).argmax(-1, keepdim=True)  # (P, n_max / n, 1)
+    return [s.view(P, -1, n).gather(-1, best).mean().item() for s in (proxy, *scores)]
+
+
 def best_of_n(reward_dir: str, n_max: int, prompts: int, seed: int) -> list:
     """Best-of-n against a proxy, for n = 1, 2, 4, … n_max: rows of n, KL, proxy and gold means."""
     device = torch.device("cpu")
@@ -63,11 +72,9 @@ def best_of_n(reward_dir: str, n_max: int, prompts: int, seed: int) -> list:
     proxy = loading.load_score_fn(reward_dir, "", 64, device)(texts).view(prompts, n_max)  # (P, n_max)
     gold = torch.tensor(tiny.judge(texts)).view(prompts, n_max)  # (P, n_max)
     rows, n = [], 1
-    while n <= n_max:  # n_max / n disjoint groups of n per prompt: each group keeps its proxy favourite
-        p, g = proxy.view(prompts, -1, n), gold.view(prompts, -1, n)  # (P, n_max / n, n)
-        best = p.argmax(-1, keepdim=True)  # (P, n_max / n, 1)
-        rows.append(dict(n=n, kl=math.log(n) - (n - 1) / n, proxy=p.gather(-1, best).mean().item(),
-                         gold=g.gather(-1, best).mean().item()))  # fmt: skip
+    while n <= n_max:
+        proxy_mean, gold_mean = best_in_groups(proxy, n, gold)
+        rows.append(dict(n=n, kl=math.log(n) - (n - 1) / n, proxy=proxy_mean, gold=gold_mean))
         n *= 2
     for row in rows:  # the change from n = 1, the starting policy
         row.update(proxy_change=row["proxy"] - rows[0]["proxy"], gold_change=row["gold"] - rows[0]["gold"])

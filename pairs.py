@@ -88,11 +88,12 @@ def judged_pairs(queries, responses, texts, scores, per_prompt: int, seed: int) 
     return pairs
 
 
-def make_pairs(model: str, tokenizer, queries, judge, cfg, device, n_pairs: int, n_heldout: int, k: int, seed: int):
+def make_pairs(model: str, tokenizer, queries, judge, cfg, device):
     """Held-out and training pairs judged from K responses of the starting policy to each prompt.
 
-    The first prompts are held out (never trained on) and give the held-out pairs; the rest give
-    the training pairs, a prompt coming back with new responses when there are too few.
+    The first prompts are held out (never trained on) and give the `cfg.heldout_pairs` held-out
+    pairs; the rest give the `cfg.pairs` training pairs, a prompt coming back with new responses
+    when there are too few. K is `cfg.responses_per_prompt`; `cfg.seed` draws the labels.
 
     Returns:
         (held-out pairs, training pairs), each a list of `judged_pairs` dicts.
@@ -100,6 +101,7 @@ def make_pairs(model: str, tokenizer, queries, judge, cfg, device, n_pairs: int,
     from errors import ConfigError
     from loading import load_policy_and_tokenizer
 
+    n_pairs, n_heldout, k = cfg.pairs, cfg.heldout_pairs, cfg.responses_per_prompt
     n_held = prompts_for(n_heldout, k)
     if len(queries) <= n_held:
         raise ConfigError(f"only {len(queries)} prompts, not more than the {n_held} that --heldout-pairs {n_heldout} "
@@ -111,6 +113,6 @@ def make_pairs(model: str, tokenizer, queries, judge, cfg, device, n_pairs: int,
     policy, _ = load_policy_and_tokenizer(model, device)  # the caller's tokenizer is the one used and saved
     responses, texts = sample_responses(policy, tokenizer, prompts, cfg, device, per_prompt=k)
     del policy
-    pairs = judged_pairs(prompts, responses, texts, judge(texts), k, seed)
+    pairs = judged_pairs(prompts, responses, texts, judge(texts), k, cfg.seed)
     cut = n_held * pairs_per_prompt(k)
     return pairs[:cut][:n_heldout], pairs[cut:][:n_pairs]

@@ -302,7 +302,6 @@ def phase_3_layout(policy, row_tokens: int) -> str:
     return f"phase 3: packed rows of {'≤ ' + str(row_tokens) if row_tokens else 'the whole batch'} tokens ({name})"
 
 
-
 def config_line(cfg, tiny_overrides: dict, **paths) -> str:
     """`config: {...}` as the run uses it: with --tiny, the world's paths in place of the Hub
     names, and which settings --tiny chose."""

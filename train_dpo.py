@@ -211,16 +211,16 @@ def main(cfg: Config) -> dict:
     judge = load_scorer(cfg.judge, cfg.judge_label, 64, device, "--judge")  # fails early
     policy, tokenizer = load_policy_and_tokenizer(model, device)
     policy.v_head.requires_grad_(False)  # DPO trains no critic
-    reviews = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
-    queries = build_queries(reviews, tokenizer, cfg.query_min_len, cfg.query_max_len, torch.Generator().manual_seed(cfg.seed))
-    random.Random(cfg.seed).shuffle(queries)
 
     # 1. pairs: a preference dataset's, or K responses of the starting policy to each prompt, all pairs judged
     if cfg.preferences:
         held, train = preference_rows(cfg.preferences, cfg.preferences_split, tokenizer, cfg.pairs, cfg.seed)
     else:
-        held, train = make_pairs(model, tokenizer, queries, judge, cfg, device, cfg.pairs, cfg.heldout_pairs,
-                                 cfg.responses_per_prompt, cfg.seed)  # fmt: skip
+        reviews = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
+        queries = build_queries(reviews, tokenizer, cfg.query_min_len, cfg.query_max_len,
+                                torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+        random.Random(cfg.seed).shuffle(queries)
+        held, train = make_pairs(model, tokenizer, queries, judge, cfg, device)
     eval_queries = list({tuple(p["prompt_ids"]): None for p in held})[: cfg.eval_prompts]  # held-out prompts, in order
     eval_queries = [list(q) for q in eval_queries]
 

@@ -135,8 +135,7 @@ def main(cfg: Config) -> dict:
         queries = build_queries(reviews, tokenizer, cfg.query_min_len, cfg.query_max_len, torch.Generator().manual_seed(cfg.seed))
         random.Random(cfg.seed).shuffle(queries)
         # 2. labels: the judge scores every response; of each pair, the first wins with σ(g_1 − g_2) (pairs.py)
-        held, train = make_pairs(model, tokenizer, queries, judge, cfg, device, cfg.pairs, cfg.heldout_pairs,
-                                 cfg.responses_per_prompt, cfg.seed)  # fmt: skip
+        held, train = make_pairs(model, tokenizer, queries, judge, cfg, device)
         both = held + train
         chosen, rejected = [p["chosen"] for p in both], [p["rejected"] for p in both]
         g_chosen, g_rejected = torch.tensor([p["g_chosen"] for p in both]), torch.tensor([p["g_rejected"] for p in both])
