@@ -59,17 +59,17 @@ def held_out_prompts(pairs_file: str, limit: int) -> list:
     return [list(p) for p in prompts][:limit]
 
 
-def ppo_point(out: str, seed: int, beta: float, lr: float, steps: int, reward: dict) -> None:
+def ppo_point(out: str, seed: int, beta: float, lr: float, steps: int, reward: dict, device: str) -> None:
     """One PPO run in `out` (its policy is saved there)."""
     cfg = ppo_rlhf.tiny_config(output_dir=out, seed=seed, lr=lr, steps=steps, init_kl_coef=beta, adaptive_kl=False,
-                               sample_every=0, eval_prompts=0, device="cpu", **reward)  # fmt: skip
+                               sample_every=0, eval_prompts=0, device=device, **reward)  # fmt: skip
     ppo_rlhf.main(cfg)
 
 
 def best_of_n(reference, tokenizer, queries, score, n_max: int, ns, seed: int, cfg) -> list:
     """Best-of-n for each n in `ns` from one draw of n_max answers per prompt
     (overoptimization.best_in_groups)."""
-    device = torch.device("cpu")
+    device = loading.resolve_device(cfg.device)
     with loading.fork_rng(device):
         torch.manual_seed(seed)
         _, texts = pair_maker.sample_responses(reference, tokenizer, queries, cfg, device, per_prompt=n_max)
@@ -141,6 +141,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (as against a learned reward)")
     parser.add_argument("--eval-prompts", type=int, default=50, help="held-out prompts every method answers")
     parser.add_argument("--pairs", type=int, default=train_dpo.TINY_OVERRIDES["pairs"], help="training pairs per seed")
+    parser.add_argument("--device", default="cpu", help="cpu (where docs/frontier.json was made), cuda, cuda:N or mps")
     parser.add_argument("--output-dir", default="runs/frontier")
     parser.add_argument("--picture", default="docs/frontier.png")
     parser.add_argument("--results-copy", default="docs/frontier.json")
@@ -155,7 +156,7 @@ def main(argv=None) -> dict:
         print(summary(points))
         draw(points, args.picture)
         return {}
-    out, device = args.output_dir, torch.device("cpu")
+    out, device = args.output_dir, loading.resolve_device(args.device)
     policy_dir = tiny.ensure_world()[0]
     points = []
     if set(args.methods) != set(SETTINGS):  # keep the earlier run's other points (the reference comes with DPO)
@@ -168,7 +169,7 @@ def main(argv=None) -> dict:
         pairs_file = None if "DPO" in args.methods else os.path.join(base, f"dpo-{SETTINGS['DPO'][0]}", "pairs.jsonl")
         for beta in SETTINGS["DPO"] if "DPO" in args.methods else []:
             dpo_dir = os.path.join(base, f"dpo-{beta}")
-            dpo_cfg = train_dpo.Config(**{**train_dpo.TINY_OVERRIDES, "seed": seed, "beta": beta, "device": "cpu",
+            dpo_cfg = train_dpo.Config(**{**train_dpo.TINY_OVERRIDES, "seed": seed, "beta": beta, "device": args.device,
                                           "pairs": args.pairs,
                                           "eval_prompts": args.eval_prompts, "output_dir": dpo_dir,
                                           "preferences": pairs_file or ""})  # fmt: skip
@@ -188,16 +189,16 @@ def main(argv=None) -> dict:
         rm_dir = os.path.join(base, "reward-model")
         if "PPO" in args.methods or "best-of-n" in args.methods:
             train_reward_model.main(train_reward_model.Config(**{**train_reward_model.TINY_OVERRIDES, "seed": seed,
-                                "device": "cpu", "preferences": train_only, "heldout_pairs": 100,
+                                "device": args.device, "preferences": train_only, "heldout_pairs": 100,
                                 "output_dir": rm_dir}))  # fmt: skip
 
         # 3. PPO against the reward model and against the judge, then every policy measured alike
         reference, tokenizer = loading.load_policy_and_tokenizer(policy_dir, device)
-        measure_cfg = dict(train_dpo.TINY_OVERRIDES, device="cpu")
+        measure_cfg = dict(train_dpo.TINY_OVERRIDES, device=args.device)
         for method, reward in (("PPO", dict(reward_model=rm_dir)), ("PPO-GT", dict(reward_fn="tiny:judge_normalized"))):
             for beta in SETTINGS[method] if method in args.methods else []:
                 run = os.path.join(base, f"{method.lower()}-{beta}")
-                ppo_point(run, seed, beta, args.lr, args.steps, reward)
+                ppo_point(run, seed, beta, args.lr, args.steps, reward, args.device)
                 policy, _ = loading.load_policy_and_tokenizer(run, device)
                 m = train_dpo.evaluate(policy, reference, tokenizer, queries, lambda t: torch.tensor(tiny.judge(t)),
                                        train_dpo.Config(**measure_cfg), device, seed)  # fmt: skip

@@ -43,6 +43,10 @@ def resolve_device(name: str, dtype: str = "fp32") -> torch.device:
         # Measured on an AVX2-only CPU: a bf16 matmul took 130× as long as the fp32 one.
         raise ConfigError("--dtype bf16: this CPU has no bf16 matrix instructions, so bf16 would run "
                           "about 100× slower than fp32 here; use --dtype fp32")  # fmt: skip
+    if device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        # T4 and V100 have no bf16 units: torch emulates bf16, and the run would be slower than fp32.
+        raise ConfigError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no native bf16 (bf16 needs "
+                          "compute capability 8.0 or newer, A100 and later); use --dtype fp32")  # fmt: skip
     return device
 
 

@@ -58,9 +58,9 @@ def best_in_groups(proxy: torch.Tensor, n: int, *scores: torch.Tensor) -> list:
     return [s.view(P, -1, n).gather(-1, best).mean().item() for s in (proxy, *scores)]
 
 
-def best_of_n(reward_dir: str, n_max: int, prompts: int, seed: int) -> list:
+def best_of_n(reward_dir: str, n_max: int, prompts: int, seed: int, device_name: str = "cpu") -> list:
     """Best-of-n against a proxy, for n = 1, 2, 4, … n_max: rows of n, KL, proxy and gold means."""
-    device = torch.device("cpu")
+    device = loading.resolve_device(device_name)
     policy_dir, _, reviews_csv = tiny.ensure_world()
     policy, tokenizer = loading.load_policy_and_tokenizer(policy_dir, device)
     cfg = train_reward_model.Config()
@@ -91,11 +91,11 @@ def fit(d, r, form: str):
     return dict(a=float(a), b=float(b), peak_d=float(peak) if b > 0 else None, d_min=float(d.min()), d_max=float(d.max()))
 
 
-def ppo_run(reward_dir, out, seed, beta, lr, steps):
+def ppo_run(reward_dir, out, seed, beta, lr, steps, device="cpu"):
     """One step-3 run against `reward_dir`; its per-step records."""
     kl = {} if beta == "adaptive" else dict(init_kl_coef=float(beta), adaptive_kl=False)
     cfg = ppo_rlhf.tiny_config(reward_model=reward_dir, output_dir=out, seed=seed, lr=lr, steps=steps,
-                               sample_every=0, eval_prompts=0, device="cpu", **kl)  # fmt: skip
+                               sample_every=0, eval_prompts=0, device=device, **kl)  # fmt: skip
     return ppo_rlhf.main(cfg)
 
 
@@ -181,6 +181,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (half --tiny's, so the rise shows)")
     parser.add_argument("--steps", type=int, default=80, help="PPO steps: 80, so that the KL-off gold has fallen by the end")
     parser.add_argument("--best-of", type=int, default=64, help="largest n of best-of-n")
+    parser.add_argument("--device", default="cpu", help="cpu (where docs/overoptimization.json was made), cuda, cuda:N or mps")
     parser.add_argument("--output-dir", default="runs/overoptimization")
     parser.add_argument("--picture", default="docs/overoptimization.png")
     parser.add_argument("--results-copy", default="docs/overoptimization.json", help="where results.json is copied")
@@ -198,15 +199,16 @@ def main(argv=None) -> dict:
     for n_pairs in sorted(set(args.pairs) | {default}):
         # 1. step 2: the reward model
         rm_dir = os.path.join(out, f"rm-{n_pairs}")
-        rm_cfg = dict(train_reward_model.TINY_OVERRIDES, pairs=n_pairs, output_dir=rm_dir, device="cpu")
+        rm_cfg = dict(train_reward_model.TINY_OVERRIDES, pairs=n_pairs, output_dir=rm_dir, device=args.device)
         evaluation = train_reward_model.main(train_reward_model.Config(**rm_cfg))
         rm = results["reward_models"][str(n_pairs)] = dict(pairs=n_pairs, **evaluation, ppo={})
         # 2. best-of-n; its n = 1 row (4096 samples of the starting policy) is every curve's origin
-        bon = rm["best_of_n"] = best_of_n(rm_dir, args.best_of, 64, args.seeds[0])
+        bon = rm["best_of_n"] = best_of_n(rm_dir, args.best_of, 64, args.seeds[0], args.device)
         start = {PROXY: bon[0]["proxy"], GOLD: bon[0]["gold"]}
         # 3. step 3 for each β, seed 0
         for beta in args.betas:
-            log = ppo_run(rm_dir, os.path.join(out, f"ppo-{n_pairs}-beta{beta}"), args.seeds[0], beta, args.lr, args.steps)
+            log = ppo_run(rm_dir, os.path.join(out, f"ppo-{n_pairs}-beta{beta}"), args.seeds[0], beta, args.lr, args.steps,
+                          args.device)  # fmt: skip
             rm["ppo"][beta] = {k: smooth([r[key] - start[key] for r in log]) for k, key in (("proxy", PROXY), ("gold", GOLD))}
             rm["ppo"][beta].update(kl=smooth([r["kl"] for r in log]), raw=[{k: r[k] for k in ("step", PROXY, GOLD, "kl",
                                    "fluency")} for r in log])  # fmt: skip
@@ -223,7 +225,7 @@ def main(argv=None) -> dict:
             if seed == args.seeds[0] and beta in args.betas:
                 log = results["reward_models"][str(default)]["ppo"][beta]["raw"]
             else:
-                log = ppo_run(rm_dir, os.path.join(out, f"claims-{name}-seed{seed}"), seed, beta, args.lr, args.steps)
+                log = ppo_run(rm_dir, os.path.join(out, f"claims-{name}-seed{seed}"), seed, beta, args.lr, args.steps, args.device)
             gold = smooth([r[GOLD] for r in log])
             row[name] = dict(proxy_first=np.mean([r[PROXY] for r in log[:5]]), proxy_last=np.mean([r[PROXY] for r in log[-5:]]),
                              gold_first=np.mean([r[GOLD] for r in log[:5]]), gold_last=np.mean([r[GOLD] for r in log[-5:]]),

@@ -142,7 +142,8 @@ def tiny_config(**overrides) -> Config:
 def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     """Phase 1: sample one response per query, all queries in one `generate` call; each row gets
     its own length, drawn from [response_min_len, response_max_len]. The LM head runs in fp32
-    here as in phase 3 (value_head.py), so under --dtype bf16 too the tokens are drawn from π_old.
+    here as in phase 3 (value_head.py), so under --dtype bf16 too the tokens are drawn from π_old,
+    up to the bf16 rounding of the transformer body (decoded with a KV cache here, packed there).
 
     Returns: response_ids (B, T) right-padded; response_mask (B, T) bool.
     """

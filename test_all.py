@@ -213,16 +213,6 @@ def test_value_head_starts_at_zero_and_keeps_chosen_positions():
     assert kept_values.shape == (3,)
 
 
-def test_dropout_off_so_ratio_is_one_in_train_mode():
-    model = CausalLMWithValueHead(random_gpt2()).train()
-    assert model.lm.config.resid_pdrop > 0  # the config asks for dropout; the wrapper removes it
-    ids = torch.randint(1, 300, (4, 8))
-    positions = torch.arange(8).expand(4, 8)
-    first, _ = model(ids, positions)
-    second, _ = model(ids, positions)
-    assert torch.equal(first, second)
-
-
 # ---------------------------------------------------------------------------------------------
 # logprobs.py
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +317,54 @@ def tiny_causal_lm(arch, vocab_size=300, seed=0):
         for p in lm.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return lm
+
+
+def dropout_config(arch, classifier=False):
+    """A tiny config of transformers' `arch` with every dropout probability it knows set to 0.1,
+    LayerDrop included: what a Hub checkpoint such as facebook/opt-125m ships (dropout 0.1)."""
+    import transformers as tf
+
+    ids = dict(vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64)  # fmt: skip
+    config = {
+        "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **ids),
+        "llama": lambda: tf.LlamaConfig(num_key_value_heads=2, **small, **ids),
+        "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, **small, **ids),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**small, **ids),
+        "opt": lambda: tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                    max_position_embeddings=64, word_embed_proj_dim=32, **ids),
+        "bloom": lambda: tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **ids),
+        "phi": lambda: tf.PhiConfig(**small, **ids),
+    }[arch]()  # fmt: skip
+    set_to = [k for k, v in vars(config).items() if "drop" in k and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for k in set_to:
+        setattr(config, k, 0.1)
+    assert set_to, arch
+    if classifier:
+        config.num_labels = 1
+    return config
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES + ["phi"])
+def test_every_dropout_is_off_in_the_policy_and_the_reward_model(arch):
+    """Two train-mode forwards of the same batch give the same logits, on architectures that apply
+    dropout as a module (GPT-2) or as a float from the config (the others), LayerDrop included
+    (OPT). Without `dropout_off` the same two forwards differ (the check can fail)."""
+    import transformers as tf
+
+    ids, positions = torch.randint(1, 300, (4, 8)), torch.arange(8).expand(4, 8)
+    torch.manual_seed(0)
+    raw = tf.AutoModelForCausalLM.from_config(dropout_config(arch)).train()
+    differ = not torch.equal(raw(input_ids=ids).logits, raw(input_ids=ids).logits)
+    assert differ, arch
+    policy = CausalLMWithValueHead(raw).train()
+    first, second = policy(ids, positions)[0], policy(ids, positions)[0]
+    assert torch.equal(first, second), (arch, (first - second).abs().max())
+    torch.manual_seed(0)  # step 2's classifier (train_reward_model.py) on the same base
+    classifier = value_head.dropout_off(tf.AutoModelForSequenceClassification.from_config(dropout_config(arch, True)))
+    classifier.train()
+    assert torch.equal(classifier(input_ids=ids).logits, classifier(input_ids=ids).logits), arch
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

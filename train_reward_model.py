@@ -45,6 +45,7 @@ from loading import build_queries, load_preference_pairs, load_review_texts
 from loading import load_scorer, load_tokenizer, offline_if_hub_unreachable, resolve_device, seed_everything
 from pairs import make_pairs
 from reward_model import bradley_terry_loss, centering_loss, last_token_rewards, normalize_head, pair_accuracy
+from value_head import dropout_off
 
 
 @dataclass
@@ -145,7 +146,7 @@ def main(cfg: Config) -> dict:
     # 3. train: the policy's transformer and a fresh Linear(H, 1) head, on the Bradley–Terry loss
     with load_errors_as_config_error("model", model):
         reward_model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
-    reward_model.to(device)  # fp32 master weights, whatever the checkpoint stores (value_head.py)
+    dropout_off(reward_model).to(device)  # fp32 master weights, whatever the checkpoint stores; no dropout (value_head.py)
     reward_model.config.pad_token_id = tokenizer.pad_token_id  # how the saved classifier finds the last token
     reward_model.config.id2label, reward_model.config.label2id = {0: "REWARD"}, {"REWARD": 0}
     tokenizer.padding_side = "right"  # absolute positions (GPT-2) start at 0 on every row; saved with the model

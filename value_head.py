@@ -14,10 +14,15 @@ needs and the values GAE needs.
 
 Four choices worth knowing:
 
-- Dropout is switched off in the wrapped LM. PPO compares log π at rollout time with log π
-  recomputed during the update; with dropout on, the two forward passes use different random
-  masks, so the ratio π/π_old is not 1 even before the first gradient step and the clipping fires
-  on noise. With dropout off the ratio is 1 until the weights change, up to float rounding:
+- Dropout is switched off in the wrapped LM (`dropout_off`). PPO compares log π at rollout time
+  with log π recomputed during the update; with dropout on, the two forward passes use different
+  random masks, so the ratio π/π_old is not 1 even before the first gradient step and the clipping
+  fires on noise. Only GPT-2 does all its dropout in `nn.Dropout` modules: most architectures call
+  `F.dropout` with a probability kept as a plain float (Llama's, Qwen2's and Phi's attention
+  dropout, OPT's `dropout` and LayerDrop, BLOOM's and GPT-NeoX's hidden dropout), copied from the
+  config when the model was built. So every such float is zeroed on the modules (the config,
+  and so a saved checkpoint, keeps its own values). With dropout off the ratio is 1 until the
+  weights change, up to float rounding:
   exactly 1 when the recomputation runs the same shapes, within a few 1e-7 when a minibatch
   packs the rows in another order and the CPU library picks other kernels for the new shapes.
 - The value head is initialised to zero (weight and bias), so V = 0 everywhere at the start.
@@ -27,7 +32,8 @@ Four choices worth knowing:
 - Both heads run in fp32 with autocast off, on the fp32 last hidden state, even when the
   transformer runs in bf16: GPT-2's logits sit near −64, where bf16 rounds in steps of 0.25–0.5,
   enough to move a log-prob by ~0.1 nats and make PPO clip on rounding alone. `generate` runs
-  the LM head the same way, so responses are sampled from the distribution PPO computes as π_old.
+  the LM head the same way, so responses are sampled from the distribution PPO computes as π_old,
+  up to the rounding of the transformer body (`generate` below says how much).
 
 Legend: R rows, N positions per row, K positions kept, V vocabulary, H hidden size.
 
@@ -68,6 +74,28 @@ def fp32_linear(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.float(), head.weight.float(), bias)  # (..., V)
 
 
+def dropout_off(model: nn.Module) -> nn.Module:
+    """Switch off every dropout of a Hugging Face model, in place, in training mode too.
+
+    Two places hold a dropout probability: `nn.Dropout` modules (GPT-2), and float attributes
+    that modules copied from the config when they were built and pass to `F.dropout` or to the
+    attention kernel in training mode (`attention_dropout`, `hidden_dropout`, OPT's `dropout` and
+    `layerdrop`, ...). Each module float whose name holds "drop" (dropout, pdrop, layerdrop,
+    drop_path) is a probability in transformers' models; each is set to 0. The config is left
+    as it is, so a saved checkpoint keeps the values it came with.
+
+    Returns:
+        The same model, for chaining.
+    """
+    zero = lambda obj: [setattr(obj, k, 0.0) for k, v in list(vars(obj).items())  # noqa: E731
+                        if "drop" in k and isinstance(v, float)]  # fmt: skip
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        zero(module)
+    return model
+
+
 class CausalLMWithValueHead(nn.Module):
     """Any Hugging Face causal LM plus a `Linear(H, 1)` value head on its last hidden state.
 
@@ -78,10 +106,7 @@ class CausalLMWithValueHead(nn.Module):
 
     def __init__(self, lm: nn.Module):
         super().__init__()
-        self.lm = lm
-        for module in self.lm.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+        self.lm = dropout_off(lm)
         hidden_size = lm.get_output_embeddings().in_features
         self.v_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.v_head.weight)
@@ -123,10 +148,13 @@ class CausalLMWithValueHead(nn.Module):
     def generate(self, *args, **kwargs):
         """The LM's own `generate`, with its LM head run as `forward` runs it: in fp32, autocast off.
 
-        So the tokens are drawn from the very distribution that phase 3 computes as π_old. Under
-        bf16 autocast the library's head would round the logits to bf16 first (steps of 0.5 at
-        GPT-2's |logit| ≈ 100), and the responses would come from another distribution than the
-        one the ratio, the KL and the advantages assume. The value head plays no part here.
+        Under bf16 autocast the library's head would round the logits to bf16 first (steps of 0.5
+        at GPT-2's |logit| ≈ 100), and the responses would come from another distribution than the
+        one the ratio, the KL and the advantages assume. With the head in fp32 the head adds no
+        rounding of its own; the bf16 transformer body still rounds its hidden states one way when
+        it decodes token by token with its KV cache and another way when phase 3 recomputes packed
+        rows, so under bf16 the sampled distribution equals phase 3's π_old up to that rounding,
+        not exactly (in fp32, up to fp32 rounding). The value head plays no part here.
         """
         head = self.lm.get_output_embeddings()
         head.forward = lambda hidden: fp32_linear(head, hidden)  # this instance only, for this call
