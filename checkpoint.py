@@ -18,10 +18,19 @@ Nothing needs pickle to be read: the JSON is JSON, and every `torch.load` passes
 run folder from someone else can't run code. The reference model is not saved: it is the
 starting policy, loaded again from --model.
 
-All or nothing. The files are written to `DIR/.saving/`, then moved into DIR one by one,
-trainer_state.json last. A crash between two moves leaves new weights beside an old
-trainer_state.json; `--resume` checks every file against the hashes in trainer_state.json and
-refuses such a mix in one line (the rest of the new checkpoint is then in `DIR/.saving/`).
+All or nothing. The files are written to `DIR/.saving/`, trainer_state.json last, and only then
+moved into DIR one by one, trainer_state.json last again. So `DIR/.saving/trainer_state.json` is
+the commit point: a save cut short before it leaves DIR's checkpoint whole (the scratch folder
+is discarded); a save cut short after it, in the middle of the moves, is finished by the next
+`--resume` (`finish_interrupted_save`), since every file it still needs is in `DIR/.saving/`.
+`--resume` also checks every file against the hashes in trainer_state.json and refuses any
+other mix in one line.
+
+Sharded runs (--fsdp) save the same folder: the shards are gathered to rank 0 first
+(distributed.full_state), and Adam's state is kept by parameter name, full, so that each rank
+takes its rows again on resume. `--resume auto` continues the output folder's run when it holds
+a checkpoint and starts it when not, so one command line serves the first start and every
+restart (`torchrun --max-restarts N`, docs/torchrun.md).
 """
 
 import dataclasses
@@ -67,10 +76,14 @@ def read_log(path: str) -> list:
 
 
 def write_log(path: str, records: list, mode: str = "a") -> None:
-    """Write (mode "w") or append ("a") records to a `log.jsonl`, one JSON object a line; rank 0 only."""
+    """Write (mode "w", all or nothing: a new file moved over the old) or append ("a") records to
+    a `log.jsonl`, one JSON object a line; rank 0 only."""
     if distributed.rank() == 0:
+        target, path = path, path + ".new" if mode == "w" else path
         with open(path, mode) as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+        if path != target:
+            os.replace(path, target)
 
 
 def _sha256(path: str) -> str:
@@ -111,29 +124,55 @@ def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt
     """Everything a run needs to go on exactly where it stopped, in `cfg.output_dir`.
 
     Under torchrun every rank's random states are kept (each samples its own responses) and
-    rank 0 writes. See the module docstring for the files and the order they are moved in.
+    rank 0 writes; under --fsdp every rank first sends its shards to rank 0. See the module
+    docstring for the files and the order they are moved in.
     """
     device = next(policy.parameters()).device
     plain, tensors = zip(*distributed.gather(_random_states(device)))  # one of each per rank
+    weights, optimizer_state = distributed.full_state(policy, optimizer)  # [fsdp] the shards, gathered on rank 0
     if distributed.rank() != 0:
         return
     scratch = os.path.join(cfg.output_dir, SCRATCH)
     shutil.rmtree(scratch, ignore_errors=True)
-    lora.save(policy, scratch) if lora.is_lora(policy) else policy.save_pretrained(scratch)
+    lora.save(policy, scratch, weights) if lora.is_lora(policy) else policy.save_pretrained(scratch, weights)
     tokenizer.save_pretrained(scratch)
-    state = dict(optimizer=optimizer.state_dict(), torch_rng=list(tensors), prompt_rng=prompt_rng.get_state(),
-                 order=order)  # fmt: skip
+    state = dict(optimizer=optimizer_state, torch_rng=list(tensors), prompt_rng=prompt_rng.get_state(), order=order)
     torch.save(state, os.path.join(scratch, TRAINER_STATE))
     names = sorted(os.path.relpath(os.path.join(top, f), scratch) for top, _, files in os.walk(scratch) for f in files)
     manifest = dict(format=FORMAT, step=step, config=dataclasses.asdict(cfg), kl_coef=kl_ctl.value,
                     world_size=len(plain), rng=list(plain),
                     files={name: _sha256(os.path.join(scratch, name)) for name in names})  # fmt: skip
-    with open(os.path.join(scratch, MANIFEST), "w") as f:
+    with open(os.path.join(scratch, MANIFEST + ".new"), "w") as f:
         json.dump(manifest, f)
-    for name in names + [MANIFEST]:  # the manifest last: it says which files belong together
-        os.makedirs(os.path.dirname(os.path.join(cfg.output_dir, name)), exist_ok=True)  # DIR/adapter (LoRA)
-        os.replace(os.path.join(scratch, name), os.path.join(cfg.output_dir, name))
+    os.replace(os.path.join(scratch, MANIFEST + ".new"), os.path.join(scratch, MANIFEST))  # the commit point
+    _move_in(scratch, cfg.output_dir)
+
+
+def _move_in(scratch: str, directory: str) -> None:
+    """Move a committed save's files from `scratch` into `directory`, the manifest last (it says
+    which files belong together), and remove `scratch`. Files already moved are skipped, so a
+    move cut short can be run again."""
+    names = sorted(os.path.relpath(os.path.join(top, f), scratch) for top, _, files in os.walk(scratch) for f in files)
+    for name in sorted(names, key=lambda name: name == MANIFEST):
+        os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)  # DIR/adapter (LoRA)
+        os.replace(os.path.join(scratch, name), os.path.join(directory, name))
     shutil.rmtree(scratch)
+
+
+def finish_interrupted_save(directory: str) -> None:
+    """Before resuming: finish a save that was cut short after its commit point (the moves), or
+    discard one cut short before it (DIR's checkpoint is then whole). Rank 0 only; the other
+    ranks wait for it (distributed.rank_zero_first)."""
+    scratch = os.path.join(directory, SCRATCH)
+    if distributed.rank() != 0 or not os.path.isdir(scratch):
+        return
+    if os.path.isfile(os.path.join(scratch, MANIFEST)):
+        with open(os.path.join(scratch, MANIFEST)) as f:
+            step = json.load(f).get("step")
+        _move_in(scratch, directory)
+        print(f"finished the save of step {step}, which was cut short while its files were moved into {directory}")
+    else:
+        shutil.rmtree(scratch)
 
 
 def save_model_folder(directory: str, write) -> None:
@@ -206,13 +245,34 @@ def load_trainer_state(directory: str) -> dict:
     return {**manifest, **state}
 
 
+def has_checkpoint(directory: str) -> bool:
+    """Whether `directory` holds a checkpoint, or a save committed but not yet moved in."""
+    return any(os.path.isfile(os.path.join(directory, *where, MANIFEST)) for where in ((), (SCRATCH,)))
+
+
 def resume_config(cfg):
-    """The saved run's config, for `--resume DIR`; says which other flags it ignores. The whole
-    checkpoint is checked here, before anything is loaded: a bad one costs no time."""
-    saved = load_trainer_state(cfg.resume)["config"]
+    """The saved run's config, for `--resume DIR`; says which other flags it ignores.
+
+    `--resume auto`: DIR is `--output-dir`, when it holds a checkpoint; without one the run
+    starts (the config returned has `resume` empty). The whole checkpoint is checked here,
+    before anything is loaded, so a bad one costs no time; a save cut short in its moves is
+    checked after `finish_interrupted_save` has finished it, in `restore_state`.
+    """
+    if cfg.resume == "auto":
+        if not has_checkpoint(cfg.output_dir):
+            return dataclasses.replace(cfg, resume="")
+        cfg = dataclasses.replace(cfg, resume=cfg.output_dir)
+    interrupted = os.path.isfile(os.path.join(cfg.resume, SCRATCH, MANIFEST))
+    saved = read_manifest(os.path.join(cfg.resume, SCRATCH) if interrupted else cfg.resume)["config"]
+    if not interrupted:
+        load_trainer_state(cfg.resume)
     defaults = type(cfg)()
     given = {k for k, v in dataclasses.asdict(cfg).items() if v != getattr(defaults, k)}
-    ignored = sorted(given - {"resume", "device"})
+    if "fsdp" in given | set(saved) and cfg.fsdp != saved.get("fsdp", False):
+        how = "with --fsdp" if saved.get("fsdp") else "without --fsdp"
+        raise ConfigError(f"--resume {cfg.resume}: the run was saved {how}; resume it {how} (its optimizer state is "
+                          "kept as that mode keeps it)")  # fmt: skip
+    ignored = sorted(k for k in given - {"resume", "device", "output_dir"} if getattr(cfg, k) != saved.get(k))
     if ignored:
         print(f"--resume continues with the run's saved config; ignoring: {', '.join(ignored)}")
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
@@ -223,10 +283,14 @@ def resume_config(cfg):
     return type(cfg)(**{**saved, **device, "resume": cfg.resume, "output_dir": cfg.resume})
 
 
-def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
-    """Load a checkpoint's weights, optimizer, β and random states; return (step, data order)."""
+def restore_weights(directory: str, policy) -> None:
+    """Load a checkpoint's trained weights into the policy: everything but the optimizer and the
+    random states (`restore_state`). Called after the reference is made from the starting
+    policy and before the policy is sharded (--fsdp), so the weights load as plain tensors."""
     from transformers import AutoModelForCausalLM
 
+    with distributed.rank_zero_first():  # [ddp] rank 0 finishes a save cut short before anyone reads
+        finish_interrupted_save(directory)
     state = load_trainer_state(directory)
     if state["world_size"] != distributed.world_size():
         raise ConfigError(f"--resume {directory}: the run was saved by {state['world_size']} process(es), this "
@@ -239,7 +303,13 @@ def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
     except Exception as e:
         why = f"{type(e).__name__}: {first_line(e, 100)}"
         raise ConfigError(f"{directory}: the saved policy can't be loaded ({why})") from None
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
+    """Load a checkpoint's optimizer, β and random states (its weights: `restore_weights`);
+    return (step, data order)."""
+    state = load_trainer_state(directory)
+    distributed.load_optimizer_state(policy, optimizer, state["optimizer"])  # [fsdp] each rank takes its rows
     kl_ctl.value = state["kl_coef"]
     device = next(policy.parameters()).device
     _set_random_states(state["rng"][distributed.rank()], state["torch_rng"][distributed.rank()], device)

@@ -1,16 +1,29 @@
-"""Data parallel PPO on PyTorch's own engine: `torchrun --nproc_per_node N ppo_rlhf.py …`.
+"""Past one process: `torchrun --nproc_per_node N ppo_rlhf.py …`, data parallel (DDP) or sharded (FSDP2).
 
-Each process (rank) holds a full copy of the policy, the reference and the reward model, takes
-its own shard of every batch of prompts, and samples with its own seed. What must then be the
-same on every rank is made so, in the few places marked `# [ddp]` in ppo_rlhf.py:
+Each process (rank) takes its own shard of every batch of prompts and samples with its own seed.
+How the models are held is the one choice between the two modes:
 
-    gradients      DistributedDataParallel averages them in backward, so the weights stay equal
-                   (each rank's loss is a mean over its own tokens, so ranks weigh alike)
+    DDP (default)  every rank holds the whole policy, reference, reward model and Adam state;
+                   DistributedDataParallel averages the gradients in backward
+    --fsdp         the policy (with its value head) and the reference are sharded with PyTorch's
+                   own FSDP2 (`fully_shard`), one unit per transformer block and one for the rest:
+                   each rank keeps 1/N of every weight and of Adam's state, gathers a block's
+                   weights just before it runs and frees them after; gradients are reduce-
+                   scattered to the shards. The reward and gold models stay whole on every rank
+
+What must then be the same on every rank is made so, in the few places marked `# [ddp]` (both
+modes) and `# [fsdp]` (sharding only) in ppo_rlhf.py:
+
+    gradients      averaged over the ranks in backward (each rank's loss is a mean over its own
+                   tokens, so ranks weigh alike), by DDP's all-reduce or FSDP's reduce-scatter
     whitening      advantages are whitened with the mean and variance of every rank's real tokens
     β              the KL controller sees the KL averaged over every rank
     stats          logged numbers are averaged over the ranks
     minibatches    every rank runs the same number (batch and minibatch sizes are split evenly)
     groups         rloo and grpo: each rank samples whole groups of K responses to a prompt
+    rollout        --fsdp: `generate` runs with every unit gathered once for the whole call
+                   (`gathered`), so ranks may sample responses of different lengths
+    errors         a one-line error on one rank stops every rank with that line (`together`)
 
 Rank 0 alone prints and writes files. Without torchrun (no WORLD_SIZE in the environment) every
 function here is a no-op, and the loop reads as on one device.
@@ -20,13 +33,14 @@ ones; `_device()` picks, so a CPU float never reaches NCCL.
 """
 
 import contextlib
+import math
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-from errors import ConfigError
+from errors import ConfigError, NonFiniteError, RunError, first_line
 
 
 def world_size() -> int:
@@ -37,22 +51,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def setup(cfg) -> str:
+def setup(device_name: str) -> str:
     """Start the process group when run under torchrun; return the device this rank should use.
 
-    NCCL and one GPU per process (`cuda:LOCAL_RANK`) when `cfg.device` asks for CUDA or is `auto`
-    on a GPU machine; gloo on the CPU otherwise. Ranks other than 0 print nothing.
+    NCCL and one GPU per process (`cuda:LOCAL_RANK`) when `device_name` asks for CUDA or is
+    `auto` on a GPU machine; gloo on the CPU otherwise. Ranks other than 0 print nothing.
     """
-    device_name, world = cfg.device, int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return device_name
-    if cfg.batch_size % world or cfg.mini_batch_size % world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} and --mini-batch-size {cfg.mini_batch_size} must be "
-                          f"multiples of the {world} processes: each rank takes an equal share")  # fmt: skip
-    K = cfg.responses_per_prompt
-    if cfg.batch_size % (world * K):
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of {world} processes × {K} responses "
-                          "per prompt: each rank samples whole groups")  # fmt: skip
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -71,6 +78,20 @@ def setup(cfg) -> str:
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return device_name
+
+
+def check_shares(sizes: dict, group: int = 1) -> None:
+    """Raise one ConfigError line unless each size ({flag: value}) splits evenly over the ranks,
+    and the first into whole groups of `group` responses per rank (rloo, grpo)."""
+    world = world_size()
+    for flag, value in sizes.items():
+        if value % world:
+            raise ConfigError(f"{flag} {value} must be a multiple of the {world} processes: each rank takes an "
+                              "equal share")  # fmt: skip
+    flag, value = next(iter(sizes.items()))
+    if value % (world * group):
+        raise ConfigError(f"{flag} {value} must be a multiple of {world} processes × {group} responses per prompt: "
+                          "each rank samples whole groups")  # fmt: skip
 
 
 def teardown(wait: bool = False) -> None:
@@ -133,8 +154,9 @@ def rank_zero_first():
 
 
 def wrap(policy, device):
-    """The policy as the update should call it: inside DistributedDataParallel under torchrun."""
-    if not dist.is_initialized():
+    """The policy as the update should call it: inside DistributedDataParallel under torchrun; a
+    sharded policy (--fsdp) as it is, since FSDP's own hooks reduce its gradients."""
+    if not dist.is_initialized() or is_sharded(policy):
         return policy
     return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -149,14 +171,192 @@ def gather(obj) -> list:
 
 
 def check_in_sync(policy, kl_coef: float) -> None:
-    """Raise if the ranks' weights or β differ: DDP's promise, checked once at the end of a run."""
+    """Raise if the ranks' weights or β differ: DDP's promise, checked once at the end of a run.
+    Sharded ranks (--fsdp) hold different shards by design: only β is compared."""
     if not dist.is_initialized():
         return
     with torch.no_grad():
-        sums = [p.double().sum().to(_device()) for p in policy.parameters()]
+        sums = [] if is_sharded(policy) else [p.double().sum().to(_device()) for p in policy.parameters()]
     fingerprint = torch.stack(sums + [torch.tensor(kl_coef, dtype=torch.float64, device=_device())])
     low, high = fingerprint.clone(), fingerprint.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
         raise RuntimeError("the ranks' weights or β differ after training: a bug in the data-parallel code")
+
+
+# ------------------------------------------------------------------------------ errors as a group
+
+
+@contextlib.contextmanager
+def together():
+    """A block after which every rank goes on, or every rank stops with the same one line.
+
+    A RunError (or a bug) raised inside the block on one rank would leave the others waiting in
+    their next collective until torchrun kills them. Instead, at the block's end the ranks agree:
+    one all-reduce of a flag; if a rank failed, the first such rank's error is sent to the
+    others, and each raises it (a bug keeps its traceback on its own rank; the others say which
+    rank failed). The block must hold no collective of its own: all ranks reach its end.
+    """
+    if not dist.is_initialized():
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001: every rank must reach the agreement below
+        error = e
+    first = torch.tensor([rank() if error is not None else world_size()], device=_device())
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    first = int(first.item())
+    if first == world_size():
+        return
+    said = [None]
+    if rank() == first:
+        runs = isinstance(error, RunError)
+        said = [(type(error).__name__ if runs else "", str(error) if runs else
+                 f"process {first} failed ({type(error).__name__}: {first_line(error)})",
+                 error.exit_code if runs else 1)]  # fmt: skip
+    dist.broadcast_object_list(said, src=first)
+    if error is not None and not isinstance(error, RunError):
+        raise error  # a bug: its own traceback
+    kind, message, exit_code = said[0]
+    agreed = {cls.__name__: cls for cls in (RunError, ConfigError, NonFiniteError)}.get(kind, RunError)(message)
+    agreed.exit_code = exit_code
+    raise agreed
+
+
+# ------------------------------------------------------------------------------ FSDP2: sharded models
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "policy", model), FSDPModule)  # lora.AdaptersOff: its policy
+
+
+def transformer_blocks(model) -> list:
+    """The transformer blocks of every Hugging Face model inside `model`, outermost first: the
+    modules whose class the model names in `_no_split_modules` (as accelerate and transformers
+    place a model over devices), so that any causal LM shards, not only GPT-2."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    found = [(path, m) for path, m in model.named_modules() if type(m).__name__ in names]
+    outer = [(path, m) for path, m in found if not any(path.startswith(p + ".") for p, _ in found)]
+    return [m for _, m in outer]
+
+
+def shard(model, trains: bool) -> None:
+    """[fsdp] Shard `model` in place with FSDP2: `fully_shard` on each transformer block, then on
+    the whole (the embeddings, final norm, LM head and value head form the root unit).
+
+    The parameters become DTensors holding this rank's rows (1/N of each tensor's first
+    dimension); a unit's full weights exist only while it runs. `trains`: the policy keeps its
+    root gathered from forward to backward (FSDP's own default for a root); the reference, which
+    never runs backward, frees its root after each forward. `generate` is declared a forward
+    method, so the root's weights are gathered around it (the blocks: `gathered`).
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ConfigError(f"--fsdp: {type(model).__name__} names no transformer block class (_no_split_modules), "
+                          "so its units can't be found: run without --fsdp")  # fmt: skip
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=not trains)
+    if hasattr(model, "generate"):
+        register_fsdp_forward_method(model, "generate")
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """[fsdp] A block in which each unit of a sharded model, once gathered, stays gathered.
+
+    `generate` runs the model once per new token. Sharded as in training, every one of those
+    forwards would all-gather every block again, and all ranks would have to run the same number
+    of forwards, so a rank whose responses all ended early (EOS) could not stop. Here each unit is
+    gathered at the first token and kept: one all-gather per unit per rollout, then the tokens
+    are local. The cost is memory: while the block runs, each rank holds the whole model's
+    weights (docs/torchrun.md has the numbers). Without sharding, a no-op.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    model = getattr(model, "policy", model)  # lora.AdaptersOff: the policy with adapters off
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for block in blocks:
+        block.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.set_reshard_after_forward(True, recurse=False)
+            block.reshard()
+        model.reshard()
+
+
+def full_state(model, optimizer):
+    """(weights, optimizer state) for a checkpoint. Sharded: every rank sends its shards and rank
+    0 receives the full tensors, on the CPU (`get_model_state_dict` with `full_state_dict=True,
+    cpu_offload=True`; the other ranks get empty dicts), keyed by parameter name; a collective.
+    Otherwise: (None: the caller saves the model as it is, the optimizer's own state_dict())."""
+    if not is_sharded(model):
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    module = getattr(model, "policy", model)
+    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Restore what `full_state` saved: into the shards (each rank takes its rows), or as a whole."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ------------------------------------------------------------------------------ memory per process
+
+
+def _rows(shape, world: int, fsdp: bool) -> int:
+    """Elements of a tensor of `shape` on rank 0: all of it, or its FSDP shard (the first
+    ⌈rows / world⌉ rows, as torch.chunk splits dimension 0; rank 0's is the largest)."""
+    if not fsdp or not shape:
+        return math.prod(shape)
+    return -(-shape[0] // world) * math.prod(shape[1:])
+
+
+def memory_plan(policy, world: int, fsdp: bool) -> dict:
+    """Bytes each process holds for PPO's training state, from the shapes of a policy with its
+    value head (a model built on the `meta` device will do: nothing is allocated).
+
+    fp32 throughout (the master weights; bf16 is autocast over them): parameters 4 bytes,
+    gradients 4, Adam's two moments 8, the reference's parameters 4. DDP: all of it on every
+    process. FSDP: rank 0's shard of each (the largest). `rollout_gathered`: what `gathered`
+    adds while the policy samples, the rest of the full weights. Activations, the KV cache, the
+    reward model and the library's buffers are not counted.
+    """
+    params = {id(p): p for p in policy.parameters()}.values()  # tied weights once
+    n = sum(_rows(tuple(p.shape), world, fsdp) for p in params)
+    trained = sum(_rows(tuple(p.shape), world, fsdp) for p in params if p.requires_grad)
+    full = sum(p.numel() for p in params)
+    lora = hasattr(getattr(policy, "lm", None), "disable_adapter")  # the reference is the policy, adapters off
+    return dict(parameters=4 * n, gradients=4 * trained, adam=8 * trained, reference=0 if lora else 4 * n,
+                rollout_gathered=4 * (full - n) if fsdp else 0)  # fmt: skip
+
+
+def measured_bytes(policy, optimizer, reference) -> dict:
+    """What this process holds now, as `memory_plan` counts it: the local shards (a DTensor's
+    `to_local()`) of the policy's and the reference's parameters, and Adam's two moments."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    size = lambda ts: sum(local(t).numel() * t.element_size() for t in ts)  # noqa: E731
+    moments = [v for state in optimizer.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
+    ref = getattr(reference, "policy", None)  # LoRA: the reference is the policy itself, no bytes of its own
+    return dict(parameters=size({id(p): p for p in policy.parameters()}.values()), adam=size(moments),
+                reference=0 if ref is not None else size({id(p): p for p in reference.parameters()}.values()))  # fmt: skip

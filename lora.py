@@ -83,12 +83,27 @@ class AdaptersOff:
     def v_head(self):  # a model with a value head: logprobs.batched_forward_pass calls it with `keep`
         return self.policy.v_head
 
-    def __call__(self, *args, **kwargs):
+    @contextlib.contextmanager
+    def _off(self):
+        """peft's `disable_adapter()`, leaving every parameter's `requires_grad` as it found it.
+
+        peft switches the adapters' `requires_grad` off on entry and on again on exit, on the
+        parameters the modules hold at each moment. Under FSDP (--fsdp) a module holds its
+        sharded parameters on entry and, when the forward left them gathered, other tensors on
+        exit: the shards would stay frozen and the adapter they belong to stop training. So the
+        flags are put back on the very parameters seen on entry."""
+        flags = [(p, p.requires_grad) for p in self.policy.parameters()]
         with self.policy.lm.disable_adapter():
+            yield
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    def __call__(self, *args, **kwargs):
+        with self._off():
             return self.policy(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        with self.policy.lm.disable_adapter():
+        with self._off():
             return self.policy.generate(*args, **kwargs)
 
 
@@ -120,12 +135,13 @@ def is_lora(policy) -> bool:
     return hasattr(policy.lm, "disable_adapter")
 
 
-def save(policy, directory: str) -> None:
+def save(policy, directory: str, state_dict: dict = None) -> None:
     """The merged model, the adapter in peft's format (DIR/adapter), and the value head.
 
     The merged model is made the way a user would make it: the starting model loaded again, the
     saved adapter put on it with `PeftModel.from_pretrained`, then `merge_and_unload`. Training
     goes on with the adapters in memory untouched (merging in place and back would round W).
+    `state_dict`: the policy's full weights by name, gathered from a sharded policy (--fsdp).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -134,8 +150,10 @@ def save(policy, directory: str) -> None:
 
     peft = import_peft()
     adapter = os.path.join(directory, ADAPTER_DIR)
+    part = lambda prefix: None if state_dict is None else {  # noqa: E731
+        k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}  # fmt: skip
     with quiet_peft():
-        policy.lm.save_pretrained(adapter)
+        policy.lm.save_pretrained(adapter, state_dict=part("lm."))
     base = AutoModelForCausalLM.from_pretrained(policy.lm.get_base_model().config._name_or_path, dtype=torch.float32)
     if base.config.tie_word_embeddings:  # the head's adapter changes the output side only: untie before merging
         head = base.get_output_embeddings()
@@ -145,7 +163,7 @@ def save(policy, directory: str) -> None:
         merged = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.generation_config = policy.lm.generation_config  # pure sampling, as the policy samples
     merged.save_pretrained(directory)
-    torch.save(policy.v_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
+    torch.save(part("v_head.") or policy.v_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
 
 
 def load_trainable(policy, directory: str) -> None:

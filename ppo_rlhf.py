@@ -107,12 +107,15 @@ class Config:
     reward_batch_size: int = arg(0, "texts per reward-model forward pass; 0 = 16 on a CPU, 128 on a GPU")
     row_tokens: int = arg(ROW_TOKENS, "phase 3 packs the sequences into rows of at most this many tokens "
                                       "(logprobs.py); 0 = the whole batch in one row")
+    fsdp: bool = arg(False, "under torchrun: shard the policy and the reference over the processes with FSDP2 "
+                            "instead of a whole copy on each (DDP); distributed.py")
     output_dir: str = arg("runs/ppo", "where log.jsonl, samples.md, curves.png and the checkpoint go")
     save_every: int = arg(0, "also save a checkpoint every N steps (0 = only at the end)")
     sample_every: int = arg(10, "print a few decoded samples every N steps (0 = never)")
     eval_prompts: int = arg(64, "held-out prompts answered by reference and trained policy at the end")
     explain: bool = arg(False, "run one PPO step on 4 prompts (2 × K for rloo and grpo), print every tensor")
-    resume: str = arg("", "continue the run saved in this output folder from its last checkpoint")
+    resume: str = arg("", "continue the run saved in this output folder from its last checkpoint; auto: "
+                          "--output-dir's run if it saved one, else start it (for torchrun --max-restarts)")
 
     @property
     def responses_per_prompt(self) -> int:
@@ -149,7 +152,7 @@ def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     """
     B, Q = query_ids.shape
     lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (B,))  # (B,)
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(), distributed.gathered(policy):  # [fsdp] each unit gathered once, not per token
         generated = policy.generate(
             input_ids=query_ids, attention_mask=query_mask.long(), max_new_tokens=int(lengths.max())
         )  # (B, Q + T_gen)
@@ -237,9 +240,10 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
                 loss = loss + kl_loss_coef * stats["kl_loss"]
             stats.update(pg_loss=pg_loss, vf_loss=vf_loss, loss=loss)
             stats = dict(zip(stats, torch.stack([v.detach() for v in stats.values()]).tolist()))  # one sync
-            if not math.isfinite(stats["loss"]):  # before backward: NaN never reaches a gradient
-                raise NonFiniteError(f"non-finite loss in epoch {epoch + 1}, minibatch {j + 1} "
-                                     f"(pg_loss {stats['pg_loss']}, vf_loss {stats['vf_loss']})")  # fmt: skip
+            with distributed.together():  # [ddp] before backward: NaN never reaches a gradient, on any rank
+                if not math.isfinite(stats["loss"]):
+                    raise NonFiniteError(f"non-finite loss in epoch {epoch + 1}, minibatch {j + 1} "
+                                         f"(pg_loss {stats['pg_loss']}, vf_loss {stats['vf_loss']})")  # fmt: skip
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
@@ -268,7 +272,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         trace: every tensor the step computed, by its name in the field (for --explain).
     """
     timer = report.PhaseTimer(query_ids.device)
-    model = getattr(policy, "module", policy)  # [ddp] generate and phase 3 on the model inside DDP
+    model = getattr(policy, "module", policy)  # [ddp] generate and phase 3 on the model inside DDP (FSDP: itself)
     K, estimator = cfg.responses_per_prompt, cfg.advantage_estimator
 
     # 1. rollout: the policy continues every query, K times for rloo and grpo (tutorial: "The policy
@@ -279,7 +283,8 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 
     # 2. score (tutorial: "The reward model calculates a reward for the output")
     texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
-    scores = score_fn(texts).to(query_ids.device)  # (B,)
+    with distributed.together():  # [ddp] a --reward-fn failing on one rank stops every rank with its line
+        scores = score_fn(texts).to(query_ids.device)  # (B,)
     timer("score")
 
     # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
@@ -310,8 +315,9 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     else:
         raw_advantages, returns = GROUP_ESTIMATORS[estimator](rewards, response_mask, K)  # (B, T)
         advantages = raw_advantages  # not whitened: see group_advantages.py
-    check_finite(response_mask, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                 rewards=rewards, advantages=advantages)  # fmt: skip
+    with distributed.together():  # [ddp] NaN or inf on any rank stops every rank
+        check_finite(response_mask, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                     rewards=rewards, advantages=advantages)  # fmt: skip
 
     # 6. PPO epochs
     batch = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
@@ -355,13 +361,16 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, gold_fn=None):
     """B responses (strings) of `model`, policy or reference, to the held-out queries, their B
     scores, and their B gold scores (or None). The run's seed in a forked RNG: both models get the
-    same lengths; training's is kept."""
+    same lengths; training's is kept. Under torchrun every rank answers the same prompts alike
+    (a sharded model needs every rank to sample); rank 0 writes them."""
     with fork_rng(query_ids.device):
         torch.manual_seed(cfg.seed)
         response_ids, response_mask = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
     texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
-    gold = gold_fn(texts).tolist() if gold_fn else None
-    return decode_texts(tokenizer, response_ids, response_mask), score_fn(texts).tolist(), gold
+    with distributed.together():  # [ddp]
+        gold = gold_fn(texts).tolist() if gold_fn else None
+        scores = score_fn(texts).tolist()
+    return decode_texts(tokenizer, response_ids, response_mask), scores, gold
 
 
 def main(cfg: Config) -> list:
@@ -369,10 +378,15 @@ def main(cfg: Config) -> list:
     from tqdm import tqdm
 
     if cfg.resume:
-        cfg = checkpoint.resume_config(cfg)
+        cfg = checkpoint.resume_config(cfg)  # --resume auto: the output folder's run if it saved one, else a new one
     cfg.validate()
-    device_name = distributed.setup(cfg)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
+    device_name = distributed.setup(cfg.device)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
     world, rank = distributed.world_size(), distributed.rank()
+    distributed.check_shares({"--batch-size": cfg.batch_size, "--mini-batch-size": cfg.mini_batch_size},
+                             cfg.responses_per_prompt)  # [ddp] equal shares, whole groups  # fmt: skip
+    if cfg.fsdp and world == 1:
+        raise RunError("--fsdp shards the models over torchrun's processes: run it under "
+                       "torchrun --nproc_per_node N (N ≥ 2), or drop --fsdp")  # fmt: skip
     checkpoint.check_writable(cfg.output_dir)
     report.quiet_libraries()
     seed_everything(cfg.seed + rank)  # [ddp] each rank samples its own responses
@@ -389,16 +403,16 @@ def main(cfg: Config) -> list:
     offline_if_hub_unreachable(model, dataset, cfg.reward_fn or reward_model, gold)
     reward = f"the function {cfg.reward_fn}" if cfg.reward_fn else f"the reward model from {reward_model}"
     print(f"loading the policy from {model}, {reward}, prompts from {dataset}" + (f"; gold: {gold}" if gold else ""))
-    policy, tokenizer = load_policy_and_tokenizer(model, device)
+    policy, tokenizer = load_policy_and_tokenizer(model, torch.device("cpu") if cfg.fsdp else device)  # [fsdp] sharding moves it
     print(report.phase_3_layout(policy, cfg.row_tokens))
-    ref_model, optimizer, kl_ctl = prepare_training(policy, cfg)
+    ref_model, optimizer, kl_ctl = prepare_training(policy, cfg)  # [fsdp] policy and reference sharded here
     reward_batch = reward_batch_size(cfg.reward_batch_size, device)
     score_fn = score_fn or load_score_fn(reward_model, cfg.reward_label, reward_batch, device)
     flag = "--gold-reward-model" if cfg.gold_reward_model else "--gold-reward-fn"
     gold_fn = load_scorer(gold, cfg.reward_label, reward_batch, device, flag) if gold else None  # never trained on
     prompt_rng = torch.Generator().manual_seed(cfg.seed)  # query lengths and data order, alike on all ranks
     eval_queries, queries = load_queries(dataset, tokenizer, cfg, prompt_rng)  # held out, training
-    n_eval = len(eval_queries) if rank == 0 else 0
+    n_eval = len(eval_queries)
 
     K = cfg.responses_per_prompt
     if cfg.explain:  # one step on 4 prompts (2 groups of K for rloo and grpo), every tensor printed; nothing is saved
@@ -418,7 +432,7 @@ def main(cfg: Config) -> list:
         eval_ids, eval_mask = left_pad(eval_queries, tokenizer.pad_token_id, device)
         before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn)
     order, start = torch.randperm(len(queries), generator=prompt_rng), 0
-    if cfg.resume:
+    if cfg.resume:  # the weights were loaded in prepare_training
         start, order = checkpoint.restore_state(cfg.resume, policy, optimizer, kl_ctl, prompt_rng)
         print(f"resumed from {cfg.resume} after step {start}")
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
@@ -438,10 +452,15 @@ def main(cfg: Config) -> list:
             try:
                 record, trace = ppo_step(train_policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids,
                                          query_mask, rank_cfg, autocast)  # fmt: skip
+                with distributed.together():  # [ddp]
+                    gold = {"gold_score": gold_fn(trace["texts"]).mean().item()} if gold_fn else {}
             except RunError as e:  # NaN or inf, or a --reward-fn that returned something unusable
                 raise type(e)(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
+            if world > 1 and step == start:  # [ddp] what each process holds, measured beside the plan
+                print(report.memory_line(distributed.measured_bytes(policy, optimizer, ref_model),
+                                         distributed.memory_plan(policy, world, cfg.fsdp)))  # fmt: skip
             record = {"step": step + 1, **record, **({"fluency": tiny.fluency(trace["texts"])} if cfg.tiny else {}),
-                      **({"gold_score": gold_fn(trace["texts"]).mean().item()} if gold_fn else {})}  # fmt: skip
+                      **gold}  # fmt: skip
             record = distributed.mean({**record, "stop": float(stop.asked)})  # [ddp] stats over ranks
             stopping = record.pop("stop") > 0
             history.append(record)
@@ -459,7 +478,8 @@ def main(cfg: Config) -> list:
     if n_eval:
         after = evaluate_held_out(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn)
         query_texts = tokenizer.batch_decode(eval_queries, skip_special_tokens=True)
-        report.write_samples(cfg.output_dir, query_texts, before, after, tiny.is_fluent if cfg.tiny else None)
+        if rank == 0:
+            report.write_samples(cfg.output_dir, query_texts, before, after, tiny.is_fluent if cfg.tiny else None)
     if rank == 0:
         report.plot_curves(cfg.output_dir, cfg.kl_target)
     return history

@@ -184,6 +184,14 @@ def mean_and_sem(xs) -> str:
     return f"{mean:+.2f} ± {sem:.2f}"
 
 
+def memory_line(measured: dict, planned: dict) -> str:
+    """What rank 0 holds (distributed.measured_bytes) beside what distributed.memory_plan counts
+    for it, in bytes: the two agree exactly when the plan is right."""
+    both = "; ".join(f"{k} {measured[k]:,} / {planned[k]:,}" for k in ("parameters", "adam", "reference"))
+    return (f"memory on rank 0, bytes measured / planned: {both}; gradients up to {planned['gradients']:,} "
+            f"(freed after each step); while sampling, the gathered weights add {planned['rollout_gathered']:,}")
+
+
 def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows: int = 8) -> str:
     """Write `samples.md`: held-out prompts, the reference's and the trained policy's responses.
 

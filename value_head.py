@@ -142,7 +142,7 @@ class CausalLMWithValueHead(nn.Module):
             hidden = hidden.flatten(0, 1)[keep]  # (K, H)
         logits = fp32_linear(self.lm.get_output_embeddings(), hidden)  # (K, V)
         with torch.autocast(hidden.device.type, enabled=False):
-            values = self.v_head(hidden.float()).squeeze(-1)  # (K,)
+            values = self.v_head(hidden.float()).squeeze(-1).clone()  # (K,); not a view: FSDP2 hooks a root's outputs
         return logits, values
 
     def generate(self, *args, **kwargs):
@@ -163,15 +163,27 @@ class CausalLMWithValueHead(nn.Module):
         finally:
             del head.forward  # back to the class's own forward
 
-    def save_pretrained(self, save_directory: str) -> None:
+    def save_pretrained(self, save_directory: str, state_dict: dict = None) -> None:
         """Write the LM as the library saves it, plus `value_head.pt` beside it.
 
         The folder loads as a plain causal LM too (`AutoModelForCausalLM.from_pretrained`), which
         ignores the extra file; `CausalLMWithValueHead.from_pretrained` reads both.
+
+        Args:
+            save_directory: the folder.
+            state_dict: this model's weights by name (`lm.…`, `v_head.…`) to write instead of the
+                ones it holds: the full weights gathered from a sharded model's shards.
         """
         os.makedirs(save_directory, exist_ok=True)
-        self.lm.save_pretrained(save_directory)
-        torch.save(self.v_head.state_dict(), os.path.join(save_directory, VALUE_HEAD_FILE))
+        if state_dict is not None:  # tied weights (GPT-2's head and embedding) as one tensor, as the library expects
+            first = {}
+            for name, p in self.named_parameters(remove_duplicate=False):
+                if name in state_dict:
+                    state_dict[name] = state_dict[first.setdefault(id(p), name)]
+        part = lambda prefix: None if state_dict is None else {  # noqa: E731
+            k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}  # fmt: skip
+        self.lm.save_pretrained(save_directory, state_dict=part("lm."))
+        torch.save(part("v_head.") or self.v_head.state_dict(), os.path.join(save_directory, VALUE_HEAD_FILE))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, lm_class, **kwargs) -> "CausalLMWithValueHead":
