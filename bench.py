@@ -6,6 +6,7 @@
     python bench.py --shape tiny --advantage-estimator grpo      # no critic, K = 4 responses per prompt
     python bench.py --shape gpt2 --batch-size 16 --lora-rank 16  # LoRA adapters instead of every weight
     python bench.py --shape gpt2 --batch-size 128 --row-tokens 0 # phase 3 and the update in one row
+    python bench.py --memory-table                               # bytes per GPU, DDP and FSDP (docs/torchrun.md)
 
 Each iteration is one call of `ppo_rlhf.ppo_step`, the very code the training loop runs:
 rollout (one `generate` call), score, policy + reference forward, PPO update. The speed of these
@@ -132,6 +133,48 @@ def matmul_peak(device, dtype) -> float:
     return 2 * n**3 / best
 
 
+# Models for the memory table, written out as configs (no Hub): the real run's GPT-2, GPT-2 large,
+# and Llama-style models of 1.5B (Qwen2.5-1.5B's sizes, without its attention biases) and 8B
+# (Llama 3 8B's sizes).
+PLANNED_MODELS = {
+    "GPT-2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)),
+    "GPT-2 large": ("gpt2", dict(n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024)),
+    "Llama-style 1.5B": ("llama", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                       tie_word_embeddings=True)),
+    "Llama-style 8B": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                     tie_word_embeddings=False)),
+}  # fmt: skip
+
+
+def memory_table(gpus=(1, 2, 8), gpu_gb: float = 80.0) -> str:
+    """A markdown table of `distributed.memory_plan` for each model of PLANNED_MODELS, built on the
+    `meta` device (shapes only, no memory), under DDP and FSDP at each number of GPUs."""
+    import transformers
+
+    import distributed
+
+    rows = ["| model | parameters | GPUs | mode | weights | gradients | Adam | reference | training state | "
+            f"+ gathered for the rollout | fits {gpu_gb:.0f} GB? |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
+    for name, (kind, sizes) in PLANNED_MODELS.items():
+        config = transformers.AutoConfig.for_model(kind, **sizes)
+        with torch.device("meta"):
+            policy = CausalLMWithValueHead(transformers.AutoModelForCausalLM.from_config(config))
+        n = sum(p.numel() for p in {id(p): p for p in policy.parameters()}.values())
+        for world in gpus:
+            for fsdp in (False, True) if world > 1 else (False,):
+                plan = distributed.memory_plan(policy, world, fsdp)
+                state = plan["parameters"] + plan["gradients"] + plan["adam"] + plan["reference"]
+                peak = state + plan["rollout_gathered"]
+                fits = "yes" if peak <= gpu_gb * 1e9 else "no"
+                rows.append(f"| {name} | {n / 1e9:.2f} B | {world} | {'FSDP' if fsdp else ('DDP' if world > 1 else '—')} | "
+                            f"{gb(plan['parameters'])} | {gb(plan['gradients'])} | {gb(plan['adam'])} | "
+                            f"{gb(plan['reference'])} | {gb(state)} | {gb(plan['rollout_gathered'])} | {fits} |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=["tiny", "gpt2"], default="gpt2")
@@ -150,7 +193,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA α; 0 = 2 × rank")
     parser.add_argument("--row-tokens", type=int, default=ppo_rlhf.ROW_TOKENS,
                         help="longest packed row of phase 3 and the update (logprobs.py); 0: one row per batch")
+    parser.add_argument("--memory-table", action="store_true",
+                        help="print the bytes per GPU of PPO's training state, DDP and FSDP (distributed.memory_plan), and stop")
     args = parser.parse_args(argv)
+    if args.memory_table:
+        print(memory_table())
+        return {}
 
     device = loading.resolve_device(args.device, args.dtype)
     cfg = ppo_rlhf.Config(

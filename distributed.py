@@ -74,16 +74,25 @@ def setup(device_name: str) -> str:
     else:
         raise ConfigError(f"--device {device_name} under torchrun: processes run on cuda (NCCL) or cpu (gloo)")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # The store torchrun gives its workers can outlive a restart (--max-restarts): the keys
+        # each attempt's processes exchange their addresses under are made the attempt's own, or
+        # the processes of a restart could read those of the dead ones and wait or fail.
+        store, rank_, world_ = next(dist.rendezvous("env://"))
+        attempt = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=attempt, rank=rank_, world_size=world_)
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return device_name
 
 
-def check_shares(sizes: dict, group: int = 1) -> None:
+def check_world(sizes: dict, fsdp: bool, group: int = 1) -> None:
     """Raise one ConfigError line unless each size ({flag: value}) splits evenly over the ranks,
-    and the first into whole groups of `group` responses per rank (rloo, grpo)."""
+    the first into whole groups of `group` responses per rank (rloo, grpo), and unless --fsdp has
+    processes to shard over."""
     world = world_size()
+    if fsdp and world == 1:
+        raise ConfigError("--fsdp shards the models over torchrun's processes: run it under torchrun "
+                          "--nproc_per_node N (N ≥ 2), or drop --fsdp")  # fmt: skip
     for flag, value in sizes.items():
         if value % world:
             raise ConfigError(f"{flag} {value} must be a multiple of the {world} processes: each rank takes an "
@@ -159,6 +168,25 @@ def wrap(policy, device):
     if not dist.is_initialized() or is_sharded(policy):
         return policy
     return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def from_rank_zero(make):
+    """`make()` run on rank 0 alone, and its result sent to every rank: step 2's and DPO's pairs
+    are sampled and judged once. An error on rank 0 stops every rank (`together`)."""
+    if not dist.is_initialized():
+        return make()
+    made = [None]
+    with together():
+        if rank() == 0:
+            made = [make()]
+    dist.broadcast_object_list(made, src=0)
+    return made[0]
+
+
+def my_share(items: list) -> list:
+    """This rank's share of a minibatch: every world-th item, from its rank on. [] when the
+    minibatch has fewer items than ranks (the caller skips it on every rank alike)."""
+    return items[rank() :: world_size()] if len(items) >= world_size() else []
 
 
 def gather(obj) -> list:
@@ -295,6 +323,16 @@ def gathered(model):
             block.set_reshard_after_forward(True, recurse=False)
             block.reshard()
         model.reshard()
+
+
+def full_weights(model):
+    """A sharded model's weights by name, gathered to rank 0 on the CPU (the other ranks get {});
+    a collective. None for a model that is not sharded: save it as it is."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_state(model, optimizer):

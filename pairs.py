@@ -16,6 +16,7 @@ import math
 
 import torch
 
+import distributed
 from loading import left_pad
 from reward_model import preference_probability
 
@@ -43,11 +44,11 @@ def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 
 
     responses, texts = [], []
     for i in tqdm(range(0, len(queries), prompts_per_call), desc=f"sampling {per_prompt} responses to each prompt",
-                  unit="call", dynamic_ncols=True):  # fmt: skip
+                  unit="call", dynamic_ncols=True, disable=distributed.rank() > 0):  # fmt: skip
         rows = [q for q in queries[i : i + prompts_per_call] for _ in range(per_prompt)]  # side by side
         query_ids, query_mask = left_pad(rows, tokenizer.pad_token_id, device)  # (R, Q)
         lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (len(rows),))  # (R,)
-        with torch.no_grad():
+        with torch.no_grad(), distributed.gathered(policy):  # [fsdp] each unit gathered once for the call
             out = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(),
                                   max_new_tokens=int(lengths.max()))  # (R, Q + T)  # fmt: skip
         generated = out[:, query_ids.shape[1] :].cpu().tolist()  # (R, T); after an EOS, padding (EOS again)

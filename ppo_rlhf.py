@@ -382,11 +382,8 @@ def main(cfg: Config) -> list:
     cfg.validate()
     device_name = distributed.setup(cfg.device)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
     world, rank = distributed.world_size(), distributed.rank()
-    distributed.check_shares({"--batch-size": cfg.batch_size, "--mini-batch-size": cfg.mini_batch_size},
-                             cfg.responses_per_prompt)  # [ddp] equal shares, whole groups  # fmt: skip
-    if cfg.fsdp and world == 1:
-        raise RunError("--fsdp shards the models over torchrun's processes: run it under "
-                       "torchrun --nproc_per_node N (N ≥ 2), or drop --fsdp")  # fmt: skip
+    distributed.check_world({"--batch-size": cfg.batch_size, "--mini-batch-size": cfg.mini_batch_size}, cfg.fsdp,
+                            cfg.responses_per_prompt)  # [ddp] equal shares, whole groups  # fmt: skip
     checkpoint.check_writable(cfg.output_dir)
     report.quiet_libraries()
     seed_everything(cfg.seed + rank)  # [ddp] each rank samples its own responses
@@ -469,8 +466,9 @@ def main(cfg: Config) -> list:
             if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step + 1, cfg, prompt_rng, order)
             if stopping:
+                launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
                 print(f"stopped by Ctrl-C after step {step + 1}, checkpoint saved; "
-                      f"continue with: python ppo_rlhf.py --resume {cfg.output_dir}")  # fmt: skip
+                      f"continue with: {launch} ppo_rlhf.py --resume {cfg.output_dir}")  # fmt: skip
                 return history
     distributed.check_in_sync(policy, kl_ctl.value)
     checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, steps, cfg, prompt_rng, order)

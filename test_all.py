@@ -1980,11 +1980,10 @@ def test_a_planted_pickle_never_runs(tmp_path, capsys):
         if planted == checkpoint.TRAINER_STATE:  # --resume checks it before loading anything
             code, err = run_cli(["--resume", str(run)], capsys)
             assert code == 2 and len(err) == 1 and str(run) in err[0], err
-        else:  # --resume loads the weights and value_head.pt with restore_state
+        else:  # --resume loads the weights and value_head.pt with restore_weights (in prepare_training)
             policy = CausalLMWithValueHead(random_gpt2())
-            _, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, cfg)
             with pytest.raises(ppo_rlhf.RunError, match="the saved policy can't be loaded"):
-                checkpoint.restore_state(str(run), policy, optimizer, kl_ctl, torch.Generator())
+                checkpoint.restore_weights(str(run), policy)
         assert "step 3" in checkpoint.what_is_on_disk(str(run))
         proc = subprocess.run([sys.executable, os.path.join(HERE, "report.py"), str(run)], capture_output=True,
                               text=True, cwd=tmp_path)  # fmt: skip
@@ -2021,29 +2020,42 @@ def test_a_damaged_or_foreign_trainer_state_is_one_line(tmp_path, capsys, damage
     assert code == 2 and len(err) == 1 and expected in err[0], err
 
 
-def test_a_save_cut_off_between_two_moves_is_refused_and_can_be_completed(tmp_path, capsys, monkeypatch):
-    """All or nothing: a crash after some of a checkpoint's files were moved in leaves a mix of two
-    steps, which --resume refuses in one line; doing what the line says completes the new one."""
+def test_a_save_cut_short_is_finished_or_discarded_and_the_checkpoint_stays_whole(tmp_path, capsys, monkeypatch):
+    """All or nothing, as a SIGKILL would test it (torchrun's restart, a second Ctrl-C): a save cut
+    short before its commit point (DIR/.saving/trainer_state.json) leaves the checkpoint of the
+    step before whole; one cut short while its files are moved in leaves a mix that the folder
+    alone refuses, and that the next resume finishes (checkpoint.finish_interrupted_save)."""
     save_small_checkpoint(tmp_path, step=3)
-    moves, real_replace = [], os.replace
 
-    def crash_after_the_weights_moved(src, dst):
-        moves.append(os.path.basename(dst))
-        if "model.safetensors" in moves[:-1]:
-            raise KeyboardInterrupt  # the process dies here, as with SIGKILL
-        real_replace(src, dst)
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies here, as with SIGKILL
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash_after_the_weights_moved)
+    monkeypatch.setattr(checkpoint.json, "dump", killed)  # writing the manifest: before the commit point
     with pytest.raises(KeyboardInterrupt):
         save_small_checkpoint(tmp_path, step=4)
     monkeypatch.undo()
-    code, err = run_cli(["--resume", str(tmp_path)], capsys)
-    assert code == 2 and len(err) == 1 and "a partial or mixed checkpoint" in err[0], err
-    assert f"mv {tmp_path}/.saving/* {tmp_path}/ completes it" in err[0]
-    import subprocess
+    assert (tmp_path / ".saving" / "model.safetensors").exists()  # step 4's weights, never moved in
+    checkpoint.finish_interrupted_save(str(tmp_path))
+    assert checkpoint.load_trainer_state(str(tmp_path))["step"] == 3 and not (tmp_path / ".saving").exists()
 
-    subprocess.run(f"mv {tmp_path}/.saving/* {tmp_path}/", shell=True, check=True)
-    assert checkpoint.load_trainer_state(str(tmp_path))["step"] == 4
+    moves, real_replace = [], os.replace
+
+    def killed_after_the_weights_moved(src, dst):
+        moves.append(os.path.basename(dst))
+        if "model.safetensors" in moves[:-1]:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_after_the_weights_moved)
+    with pytest.raises(KeyboardInterrupt):
+        save_small_checkpoint(tmp_path, step=4)
+    monkeypatch.undo()
+    with pytest.raises(errors.ConfigError, match="a partial or mixed checkpoint"):
+        checkpoint.load_trainer_state(str(tmp_path))
+    policy = CausalLMWithValueHead(random_gpt2())
+    checkpoint.restore_weights(str(tmp_path), policy)  # what --resume runs: it finishes the save first
+    assert "finished the save of step 4" in capsys.readouterr().out
+    assert checkpoint.load_trainer_state(str(tmp_path))["step"] == 4 and not (tmp_path / ".saving").exists()
 
 
 def test_weights_from_another_step_are_refused(tmp_path, capsys):
@@ -2097,6 +2109,33 @@ def test_global_whitening_and_means_equal_one_process_over_both_shards(tmp_path)
     assert ranks[0]["stats"] == ranks[1]["stats"] == {"kl": 1.5, "step": 7, "note": "kept"}  # floats averaged
 
 
+def test_fsdp_without_torchrun_is_one_line(tmp_path, capsys):
+    for cli in (ppo_rlhf.cli, __import__("train_reward_model").cli, __import__("train_dpo").cli):
+        code, err = cli(["--tiny", "--fsdp", "--device", "cpu", "--output-dir", str(tmp_path)]), capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines() == ["error: --fsdp shards the models over torchrun's processes: "
+                                                          "run it under torchrun --nproc_per_node N (N ≥ 2), or drop --fsdp"]
+
+
+def test_memory_plan_counts_each_weight_once_and_fsdp_shards_by_rows():
+    """distributed.memory_plan on GPT-2 small built on the meta device: DDP holds all 124,440,577
+    parameters (124,439,808 and the value head's 769; the tied head once) at 4 + 4 + 8 + 4 bytes;
+    FSDP over 8 holds rank 0's rows, an eighth up to the rounding of odd row counts, and the
+    rollout gathers the rest."""
+    import transformers
+
+    import distributed
+
+    with torch.device("meta"):
+        policy = CausalLMWithValueHead(transformers.GPT2LMHeadModel(transformers.GPT2Config()))
+    n = 124_439_808 + 769
+    assert distributed.memory_plan(policy, 8, False) == dict(parameters=4 * n, gradients=4 * n, adam=8 * n,
+                                                              reference=4 * n, rollout_gathered=0)  # fmt: skip
+    fsdp = distributed.memory_plan(policy, 8, True)
+    assert fsdp["parameters"] + fsdp["rollout_gathered"] == 4 * n
+    assert 4 * n / 8 <= fsdp["parameters"] < 1.001 * 4 * n / 8
+    assert fsdp["adam"] == 2 * fsdp["gradients"] == 2 * fsdp["parameters"] == 2 * fsdp["reference"]
+
+
 def _teardown_worker(rank, port, out_dir):
     import time
 
@@ -2122,29 +2161,185 @@ def test_no_rank_tears_down_before_rank_zero_has_finished(tmp_path):
     assert float((tmp_path / "rank1-left").read_text()) >= done
 
 
-@slow
-def test_torchrun_two_processes_train_one_model(tmp_path):
-    """`torchrun --nproc_per_node 2 ppo_rlhf.py --tiny`: one log, one set of files, the ranks'
-    weights and β equal at the end (the run checks, else it fails), and the score still rises."""
+def torchrun(script, args, kill_at=0, timeout=600, restarts=1):
+    """`torchrun --standalone --nproc_per_node 2 --max-restarts {restarts} script args` on the CPU, one
+    thread a process. With `kill_at`, the process of local rank 1 is sent SIGKILL as soon as the
+    run's log.jsonl holds `kill_at` steps: what a lost node does to a long run. Returns
+    (exit status, its output, the number of logged steps when the kill was sent, or 0)."""
+    import signal
     import subprocess
     import sys
+    import time
 
-    out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         os.path.join(HERE, "ppo_rlhf.py"), "--tiny", "--device", "cpu", "--steps", "20", "--eval-prompts", "4",
-         "--sample-every", "0", "--output-dir", str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "episodes on 2 × cpu" in proc.stdout
-    assert proc.stdout.count("step    1 ") == 1  # rank 0 alone prints
-    log = checkpoint.read_log(str(out / "log.jsonl"))
-    assert [r["step"] for r in log] == list(range(1, 21))
-    scores = [r["score"] for r in log]
-    assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5 + 0.2, scores
-    assert checkpoint.load_trainer_state(str(out))["world_size"] == 2
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("samples")) == ["samples.md"]
+    out = args[args.index("--output-dir") + 1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
+           str(restarts), os.path.join(HERE, script), *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    killed, deadline = 0, time.time() + timeout
+    while kill_at and not killed and proc.poll() is None and time.time() < deadline:
+        logged = len(checkpoint.read_log(os.path.join(out, "log.jsonl")))
+        for pid in [p for p in os.listdir("/proc") if p.isdigit()] if logged >= kill_at else []:
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"LOCAL_RANK=1" in env and out.encode() in argv:
+                os.kill(int(pid), signal.SIGKILL)
+                killed = logged
+        time.sleep(0.02)
+    try:
+        output = proc.communicate(timeout=max(1, deadline - time.time()))[0]
+    except subprocess.TimeoutExpired:  # torchrun and its workers, which run in sessions of their own
+        subprocess.run(["pkill", "-9", "-f", out])
+        proc.kill()
+        output = proc.communicate()[0] + f"\n[killed after {timeout} s]"
+    return proc.returncode, output, killed
+
+
+KILL_RUN = ["--tiny", "--device", "cpu", "--steps", "12", "--save-every", "5", "--resume", "auto", "--eval-prompts", "4",
+            "--sample-every", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_and_fsdp_runs(tmp_path_factory):
+    """The same 12-step run under torchrun, data parallel and sharded, never interrupted."""
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path_factory.mktemp(mode)
+        code, output, _ = torchrun("ppo_rlhf.py", KILL_RUN + ["--output-dir", str(out)] + (["--fsdp"] if mode == "fsdp" else []))
+        assert code == 0, output[-3000:]
+        runs[mode] = (out, output)
+    return runs
+
+
+def memory_numbers(output):
+    """{what: (measured, planned)} from the run's memory line (report.memory_line)."""
+    line = next(line for line in output.splitlines() if "memory on rank 0" in line)
+    pairs = re.findall(r"(parameters|adam|reference) ([\d,]+) / ([\d,]+)", line)
+    return {k: (int(m.replace(",", "")), int(p.replace(",", ""))) for k, m, p in pairs}
+
+
+@slow
+def test_torchrun_ddp_and_fsdp_train_the_same_model_and_fsdp_holds_half(ddp_and_fsdp_runs):
+    """`torchrun --nproc_per_node 2 ppo_rlhf.py --tiny [--fsdp]`: one log, one samples.md, the score
+    rising; FSDP's steps log what DDP's log up to the rounding of the gradient reduction (at two
+    ranks a sum of two, the same in either order: equal here, but not promised at more ranks);
+    rank 0 holds about half the policy's parameter and Adam bytes, exactly as planned."""
+    logs = {}
+    for mode, (out, output) in ddp_and_fsdp_runs.items():
+        assert "episodes on 2 × cpu" in output and output.count("step    1 ") == 1  # rank 0 alone prints
+        logs[mode] = checkpoint.read_log(str(out / "log.jsonl"))
+        assert [r["step"] for r in logs[mode]] == list(range(1, 13))
+        scores = [r["score"] for r in logs[mode]]
+        assert sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 0.2, scores  # measured here: −0.15 → +0.30
+        assert checkpoint.load_trainer_state(str(out))["world_size"] == 2
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith("samples")) == ["samples.md"]
+    for ddp, fsdp in zip(logs["ddp"][:3], logs["fsdp"][:3]):
+        for key, value in ddp.items():
+            if isinstance(value, float):
+                assert abs(fsdp[key] - value) <= 1e-5 * (abs(value) + 1), (ddp["step"], key, value, fsdp[key])
+    ddp, fsdp = (memory_numbers(ddp_and_fsdp_runs[m][1]) for m in ("ddp", "fsdp"))
+    for what in ("parameters", "adam", "reference"):
+        assert ddp[what][0] == ddp[what][1] and fsdp[what][0] == fsdp[what][1], (what, ddp, fsdp)  # measured = planned
+        assert 0.49 < fsdp[what][0] / ddp[what][0] < 0.51, (what, ddp, fsdp)
+
+
+@slow
+def test_an_fsdp_run_saves_the_gathered_model_that_pipeline_loads(ddp_and_fsdp_runs, capsys):
+    """The sharded run's folder is the same Hugging Face folder: pipeline("text-generation") loads
+    it, its weights are the DDP run's (two ranks: equal up to rounding), and --resume of it
+    without --fsdp is one line."""
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    (ddp_dir, _), (fsdp_dir, _) = ddp_and_fsdp_runs["ddp"], ddp_and_fsdp_runs["fsdp"]
+    generate = pipeline("text-generation", model=str(fsdp_dir))
+    assert generate("i went to", max_new_tokens=4)[0]["generated_text"].startswith("i went to")
+    sharded, whole = load_file(fsdp_dir / "model.safetensors"), load_file(ddp_dir / "model.safetensors")
+    assert sorted(sharded) == sorted(whole)  # the tied LM head saved once, as the library saves it
+    for name, w in whole.items():
+        assert_close_scaled(sharded[name], w, w.abs().max())
+    capsys.readouterr()  # the pipeline's progress bars
+    code, err = run_cli(["--resume", str(fsdp_dir), "--no-fsdp"], capsys)
+    assert code == 2 and len(err) == 1 and "saved with --fsdp; resume it with --fsdp" in err[0], err
+
+
+@slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_killed_process_is_restarted_and_the_run_ends_as_if_never_killed(ddp_and_fsdp_runs, mode, tmp_path):
+    """`torchrun --max-restarts 1 ppo_rlhf.py ... --save-every 5 --resume auto`, one process killed
+    with SIGKILL two steps past the checkpoint of step 5: torchrun restarts both, the run resumes
+    from step 5 and ends with the very weights of the run that was never killed (on the CPU,
+    bit for bit; on CUDA up to the rounding of nondeterministic kernels, docs/torchrun.md)."""
+    out = tmp_path / "killed"
+    code, output, killed = torchrun("ppo_rlhf.py", KILL_RUN + ["--output-dir", str(out)] + (["--fsdp"] if mode == "fsdp" else []),
+                                    kill_at=7)  # fmt: skip
+    assert code == 0 and killed >= 7, (killed, output[-3000:])
+    assert f"resumed from {out} after step {5 if killed < 10 else 10}" in output
+    clean = ddp_and_fsdp_runs[mode][0]
+    for name in ("model.safetensors", value_head.VALUE_HEAD_FILE):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+    assert [r["step"] for r in checkpoint.read_log(str(out / "log.jsonl"))] == list(range(1, 13))
+
+
+@slow
+def test_an_error_on_one_process_stops_every_process_with_its_line(tmp_path):
+    """A --reward-fn that returns NaN on rank 1 only: both processes stop with that one line and its
+    exit status, no traceback of ours, within seconds (not at the collective's 30-minute timeout)."""
+    import time
+
+    reward = tmp_path / "rank1_fails.py"
+    reward.write_text("import os\n\ndef score(texts):\n    bad = os.environ['RANK'] == '1'\n"
+                      "    return [float('nan') if bad else float(t.count('good')) for t in texts]\n")
+    started = time.time()
+    code, output, _ = torchrun("ppo_rlhf.py", ["--tiny", "--device", "cpu", "--fsdp", "--steps", "3", "--eval-prompts", "0",
+                                               "--reward-fn", f"{reward}:score", "--output-dir", str(tmp_path / "run")],
+                               restarts=0)  # fmt: skip
+    assert time.time() - started < 120
+    lines = [line for line in output.splitlines() if "error:" in line]
+    assert len(lines) == 2 and lines[0].split("error:")[1] == lines[1].split("error:")[1], output[-3000:]
+    assert "returned nan for text 0" in lines[0] and "exitcode  : 2" in output  # both ranks: ConfigError's status
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output
+
+
+@slow
+def test_lora_under_fsdp_trains_every_adapter(tmp_path):
+    """--lora-rank under --fsdp: the reference is the sharded policy with its adapters off, and every
+    adapter trains, the LM head's included (peft's disable_adapter froze the head's shards once:
+    lora.AdaptersOff keeps the flags); the plan counts no reference bytes, as measured."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    code, output, _ = torchrun("ppo_rlhf.py", ["--tiny", "--device", "cpu", "--fsdp", "--lora-rank", "8", "--lr", "1e-3",
+                                               "--steps", "3", "--eval-prompts", "0", "--output-dir", str(out)])  # fmt: skip
+    assert code == 0, output[-3000:]
+    adapter = load_file(out / lora.ADAPTER_DIR / "adapter_model.safetensors")
+    b_matrices = {k: v for k, v in adapter.items() if "lora_B" in k}  # zero at the start
+    assert b_matrices and all(v.abs().max() > 0 for v in b_matrices.values()), [k for k, v in b_matrices.items() if not v.any()]
+    assert any("lm_head" in k for k in b_matrices)
+    assert all(m == p for m, p in memory_numbers(output).values()), memory_numbers(output)
+
+
+@slow
+def test_step_2_and_dpo_under_fsdp_learn_as_one_process_does(tmp_path):
+    """`train_reward_model.py --tiny --fsdp` and `train_dpo.py --tiny --fsdp` under torchrun: the
+    reward model's held-out accuracy within noise of one process's (two ranks share each
+    minibatch; equal here), DPO's policy above the reference on the gold score."""
+    rm_args = ["--tiny", "--device", "cpu", "--pairs", "4000", "--heldout-pairs", "200", "--epochs", "4"]
+    code, output, _ = torchrun("train_reward_model.py", rm_args + ["--fsdp", "--output-dir", str(tmp_path / "rm2")])
+    assert code == 0, output[-3000:]
+    import train_reward_model
+
+    sharded = json.loads((tmp_path / "rm2" / "eval.json").read_text())["heldout_accuracy"]
+    alone = train_reward_model.main(train_reward_model.Config(**{**train_reward_model.TINY_OVERRIDES, "device": "cpu",
+                                    "pairs": 4000, "heldout_pairs": 200, "epochs": 4, "output_dir": str(tmp_path / "rm1")}))  # fmt: skip
+    assert alone["heldout_accuracy"] > 0.6 and abs(sharded - alone["heldout_accuracy"]) <= 0.07, (sharded, alone)  # 2 s.e.
+    code, output, _ = torchrun("train_dpo.py", ["--tiny", "--device", "cpu", "--fsdp", "--output-dir", str(tmp_path / "dpo")])
+    assert code == 0, output[-3000:]
+    result = json.loads((tmp_path / "dpo" / "eval.json").read_text())
+    assert result["gold_policy"] > result["gold_reference"] + 0.15, result
 
 
 def stopped_early(directory, steps, **saved):

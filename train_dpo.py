@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
 import report
 import tiny
 from checkpoint import check_writable, save_model_folder
@@ -84,6 +85,8 @@ class Config:
     eval_prompts: int = arg(64, "held-out prompts answered by the reference and the trained policy")
     seed: int = arg(0, "seed for python, numpy and torch, and for drawing the labels")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N or mps")
+    fsdp: bool = arg(False, "under torchrun: shard the policy and the reference over the processes with FSDP2 "
+                            "instead of a whole copy on each (DDP); distributed.py")
     output_dir: str = arg("runs/dpo", "where the policy, pairs.jsonl and eval.json go")
 
 
@@ -201,15 +204,18 @@ def main(cfg: Config) -> dict:
     from tqdm import tqdm
 
     check_config(cfg)
+    device_name = distributed.setup(cfg.device)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
+    distributed.check_world({"--batch-size": cfg.batch_size}, cfg.fsdp)  # [ddp] equal shares
     check_writable(cfg.output_dir)
     report.quiet_libraries()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
+    device = resolve_device(device_name)
+    with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
+        model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
     print(report.config_line(cfg, TINY_OVERRIDES, model=model, dataset=dataset))
     offline_if_hub_unreachable(model, cfg.preferences or dataset, cfg.judge, cfg.reward_model)
     judge = load_scorer(cfg.judge, cfg.judge_label, 64, device, "--judge")  # fails early
-    policy, tokenizer = load_policy_and_tokenizer(model, device)
+    policy, tokenizer = load_policy_and_tokenizer(model, torch.device("cpu") if cfg.fsdp else device)  # [fsdp] sharding moves it
     policy.v_head.requires_grad_(False)  # DPO trains no critic
 
     # 1. pairs: a preference dataset's, or K responses of the starting policy to each prompt, all pairs judged
@@ -220,7 +226,7 @@ def main(cfg: Config) -> dict:
         queries = build_queries(reviews, tokenizer, cfg.query_min_len, cfg.query_max_len,
                                 torch.Generator().manual_seed(cfg.seed))  # fmt: skip
         random.Random(cfg.seed).shuffle(queries)
-        held, train = make_pairs(model, tokenizer, queries, judge, cfg, device)
+        held, train = distributed.from_rank_zero(lambda: make_pairs(model, tokenizer, queries, judge, cfg, device))  # [ddp]
     eval_queries = list({tuple(p["prompt_ids"]): None for p in held})[: cfg.eval_prompts]  # held-out prompts, in order
     eval_queries = [list(q) for q in eval_queries]
 
@@ -231,26 +237,34 @@ def main(cfg: Config) -> dict:
         reference = lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, cfg.lora_dropout)
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    with torch.no_grad():
+    if cfg.fsdp:  # [fsdp] policy and reference sharded, one unit per transformer block and one for the rest
+        distributed.shard(policy, trains=True)
+        if not cfg.lora_rank:
+            distributed.shard(reference, trains=False)
+    with torch.no_grad():  # every rank computes them all: simple, and the same on every rank
         ref_train = pair_logprobs(reference, train, tokenizer, device, 64)  # (P, 2), once
         ref_held = pair_logprobs(reference, held, tokenizer, device, 64)  # (P_held, 2)
     before = evaluate(reference, reference, tokenizer, eval_queries, judge, cfg, device, cfg.seed) if eval_queries else {}
 
     # 3. train: the DPO loss on shuffled minibatches of pairs
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    train_policy = distributed.wrap(policy, device)  # [ddp] DistributedDataParallel for training
     order_rng = random.Random(cfg.seed + 1)
     steps = cfg.epochs * -(-len(train) // cfg.batch_size)
     policy.train()  # only --lora-dropout acts: the model's own dropout is 0 (value_head.py)
-    with tqdm(total=steps, desc="dpo", dynamic_ncols=True) as bar:  # closed before any Ctrl-C line
+    with tqdm(total=steps, desc="dpo", dynamic_ncols=True, disable=distributed.rank() > 0) as bar:
         for _ in range(cfg.epochs):
             order = list(range(len(train)))
             order_rng.shuffle(order)
             for i in range(0, len(order), cfg.batch_size):
-                idx = order[i : i + cfg.batch_size]
-                chosen, rejected = batch_logprobs(policy, [train[j] for j in idx], tokenizer, device)  # (b,) each
+                idx = distributed.my_share(order[i : i + cfg.batch_size])  # [ddp] every pair on one rank
+                if not idx:  # a last minibatch smaller than the number of ranks
+                    continue
+                chosen, rejected = batch_logprobs(train_policy, [train[j] for j in idx], tokenizer, device)  # (b,) each
                 loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_train[idx, 0], ref_train[idx, 1], cfg.beta)
-                if not torch.isfinite(loss):
-                    raise RunError(f"non-finite DPO loss at step {bar.n + 1}; nothing was saved: lower --lr")
+                with distributed.together():  # [ddp] on any rank, before backward
+                    if not torch.isfinite(loss):
+                        raise RunError(f"non-finite DPO loss at step {bar.n + 1}; nothing was saved: lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -278,13 +292,17 @@ def main(cfg: Config) -> dict:
     result.update(judge=cfg.judge, model=model)
 
     # 5. save: the policy as a causal LM, the pairs, eval.json; all or nothing
+    weights = distributed.full_weights(policy)  # [fsdp] the shards, gathered on rank 0
+    if distributed.rank() > 0:
+        return result
+
     def write(folder):
         if cfg.lora_rank:
             import lora
 
-            lora.save(policy, folder)
+            lora.save(policy, folder, weights)
         else:
-            policy.save_pretrained(folder)
+            policy.save_pretrained(folder, weights)
         tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, "pairs.jsonl"), "w") as f:
             for split, rows in (("train", train), ("heldout", held)):
@@ -310,7 +328,14 @@ def cli(argv=None) -> int:
     """`python train_dpo.py ...`: run, and turn a RunError into one line and an exit status."""
     parse = lambda: parse_config(Config, argv, "DPO: learn a policy from comparisons, no reward model.",  # noqa: E731
                                  HELP_GROUPS, TINY_OVERRIDES)  # fmt: skip
-    return exit_status(lambda: main(parse()), "before the policy was saved: nothing was written; run it again")
+    def run():
+        main(parse())
+        distributed.teardown(wait=True)  # [ddp] no rank leaves before rank 0 has saved
+
+    try:
+        return exit_status(run, "before the policy was saved: nothing was written; run it again")
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

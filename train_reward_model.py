@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
 import report
 import tiny
 from checkpoint import check_writable, save_model_folder
@@ -79,6 +80,8 @@ class Config:
     center_coef: float = arg(0.01, "λ of the centering term λ·mean((r_c + r_r)²); 0 leaves it out")
     seed: int = arg(0, "seed for python, numpy and torch, and for drawing the labels")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N or mps")
+    fsdp: bool = arg(False, "under torchrun: shard the reward model over the processes with FSDP2 instead of a "
+                            "whole copy on each (DDP); distributed.py")
     output_dir: str = arg("runs/reward", "where the reward model, its tokenizer and eval.json go")
 
 
@@ -94,13 +97,29 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--center-coef must not be negative, got {cfg.center_coef}")
 
 
-def rewards_of(reward_model, tokenizer, texts, device) -> torch.Tensor:
-    """(B,) rewards: the head's output at every position, read at each text's last real token
-    (reward_model.last_token_rewards). `score` is the head of transformers' classifiers built on
-    a causal LM (GPT-2's, Llama's, ...): the one whose logit the saved model's pipeline returns."""
+class TokenRewards(torch.nn.Module):
+    """A one-label classifier's transformer and head as one module: (B, L) rewards at every position.
+
+    `score` is the head of transformers' classifiers built on a causal LM (GPT-2's, Llama's, ...):
+    the one whose logit the saved model's pipeline returns. Called as one module so that DDP and
+    FSDP, which act through a module's forward, see every pass (the classifier's own forward
+    reads one position only, found from the pad token).
+    """
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.classifier.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.classifier.score(hidden).squeeze(-1).float()  # (B, L)
+
+
+def rewards_of(model, tokenizer, texts, device) -> torch.Tensor:
+    """(B,) rewards: `TokenRewards` at every position, read at each text's last real token
+    (reward_model.last_token_rewards)."""
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)  # right-padded
-    hidden = reward_model.base_model(**batch).last_hidden_state  # (B, L, H)
-    per_token = reward_model.score(hidden).squeeze(-1).float()  # (B, L)
+    per_token = model(batch["input_ids"], batch["attention_mask"])  # (B, L)
     return last_token_rewards(per_token, batch["attention_mask"])  # (B,)
 
 
@@ -110,11 +129,14 @@ def main(cfg: Config) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     check_config(cfg)
+    device_name = distributed.setup(cfg.device)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
+    distributed.check_world({"--batch-size": cfg.batch_size}, cfg.fsdp)  # [ddp] equal shares
     check_writable(cfg.output_dir)
     report.quiet_libraries()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
+    device = resolve_device(device_name)
+    with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
+        model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
     print(report.config_line(cfg, TINY_OVERRIDES, model=model, dataset=dataset))
     offline_if_hub_unreachable(model, *([cfg.preferences] if cfg.preferences else [dataset, cfg.judge]))
     judge = None if cfg.preferences else load_scorer(cfg.judge, cfg.judge_label, 64, device, "--judge")  # fails early
@@ -136,7 +158,7 @@ def main(cfg: Config) -> dict:
         queries = build_queries(reviews, tokenizer, cfg.query_min_len, cfg.query_max_len, torch.Generator().manual_seed(cfg.seed))
         random.Random(cfg.seed).shuffle(queries)
         # 2. labels: the judge scores every response; of each pair, the first wins with σ(g_1 − g_2) (pairs.py)
-        held, train = make_pairs(model, tokenizer, queries, judge, cfg, device)
+        held, train = distributed.from_rank_zero(lambda: make_pairs(model, tokenizer, queries, judge, cfg, device))  # [ddp]
         both = held + train
         chosen, rejected = [p["chosen"] for p in both], [p["rejected"] for p in both]
         g_chosen, g_rejected = torch.tensor([p["g_chosen"] for p in both]), torch.tensor([p["g_rejected"] for p in both])
@@ -146,21 +168,30 @@ def main(cfg: Config) -> dict:
     # 3. train: the policy's transformer and a fresh Linear(H, 1) head, on the Bradley–Terry loss
     with load_errors_as_config_error("model", model):
         reward_model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
-    dropout_off(reward_model).to(device)  # fp32 master weights, whatever the checkpoint stores; no dropout (value_head.py)
+    dropout_off(reward_model)  # fp32 master weights, whatever the checkpoint stores; no dropout (value_head.py)
     reward_model.config.pad_token_id = tokenizer.pad_token_id  # how the saved classifier finds the last token
     reward_model.config.id2label, reward_model.config.label2id = {0: "REWARD"}, {"REWARD": 0}
     tokenizer.padding_side = "right"  # absolute positions (GPT-2) start at 0 on every row; saved with the model
     max_positions = getattr(reward_model.config, "max_position_embeddings", None)  # ALiBi (BLOOM) has none
     tokenizer.model_max_length = min(tokenizer.model_max_length, max_positions or tokenizer.model_max_length)
-    optimizer = torch.optim.Adam(reward_model.parameters(), lr=cfg.lr)
+    scorer = TokenRewards(reward_model)
+    if cfg.fsdp:  # [fsdp] one unit per transformer block and one for the rest; the shards go to `device`
+        distributed.shard(scorer, trains=True)
+    else:
+        scorer.to(device)
+    train_scorer = distributed.wrap(scorer, device)  # [ddp] DistributedDataParallel for training
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=cfg.lr)
     shuffle = random.Random(cfg.seed + 1)
     steps = cfg.epochs * -(-len(train_pairs) // cfg.batch_size)
-    with tqdm(total=steps, desc="reward model", dynamic_ncols=True) as bar:  # closed before any Ctrl-C line
+    with tqdm(total=steps, desc="reward model", dynamic_ncols=True, disable=distributed.rank() > 0) as bar:
         for epoch in range(cfg.epochs):
             shuffle.shuffle(train_pairs)
             for i in range(0, len(train_pairs), cfg.batch_size):
-                batch_c, batch_r = zip(*train_pairs[i : i + cfg.batch_size])
-                r = rewards_of(reward_model, tokenizer, list(batch_c) + list(batch_r), device)  # (2b,) one forward pass
+                mine = distributed.my_share(train_pairs[i : i + cfg.batch_size])  # [ddp] every pair on one rank
+                if not mine:  # a last minibatch smaller than the number of ranks
+                    continue
+                batch_c, batch_r = zip(*mine)
+                r = rewards_of(train_scorer, tokenizer, list(batch_c) + list(batch_r), device)  # (2b,) one forward pass
                 r_chosen, r_rejected = r.chunk(2)  # (b,) each
                 loss = bradley_terry_loss(r_chosen, r_rejected)
                 if cfg.center_coef:
@@ -173,12 +204,15 @@ def main(cfg: Config) -> dict:
 
     # 4. normalize: rewards of std 1 on the training texts (reward_model.normalize_head), then
     # evaluate on the held-out pairs: the model's accuracy, and the judge's own (the ceiling)
-    reward_model.eval()
-    with torch.no_grad():
+    scorer.eval()
+    with torch.no_grad():  # every rank computes the same, on the same texts
         def rewards_in_batches(texts):  # (N,)
-            return torch.cat([rewards_of(reward_model, tokenizer, texts[i : i + 128], device) for i in range(0, len(texts), 128)])
+            return torch.cat([rewards_of(scorer, tokenizer, texts[i : i + 128], device) for i in range(0, len(texts), 128)])
 
-        gain = normalize_head(reward_model.score, rewards_in_batches([t for pair in train_pairs[:1000] for t in pair]))
+        train_rewards = rewards_in_batches([t for pair in train_pairs[:1000] for t in pair])
+        if cfg.fsdp:  # [fsdp] the head is changed in place: on its shards, not on a gathered copy
+            scorer.reshard()
+        gain = normalize_head(reward_model.score, train_rewards)
         r = rewards_in_batches(chosen[:n_held] + rejected[:n_held]).view(2, n_held)  # (2, n_held)
     result = dict(pairs_train=len(train_pairs), pairs_heldout=n_held, heldout_accuracy=pair_accuracy(r[0], r[1]).item(),
                   judge_heldout_accuracy=None if g_chosen is None else pair_accuracy(g_chosen[:n_held], g_rejected[:n_held]).item(),
@@ -186,8 +220,13 @@ def main(cfg: Config) -> dict:
                   judge=None if cfg.preferences else cfg.judge, model=model)  # fmt: skip
 
     # 5. save: a one-label sequence classifier, which pipeline("text-classification") loads; all or nothing
+    weights = distributed.full_weights(scorer)  # [fsdp] the shards, gathered on rank 0
+    if distributed.rank() > 0:
+        return result
+
     def write(folder):
-        reward_model.save_pretrained(folder)
+        strip = len("classifier.")
+        reward_model.save_pretrained(folder, state_dict=weights and {k[strip:]: v for k, v in weights.items()})
         tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, "eval.json"), "w") as f:
             json.dump(result, f, indent=1)
@@ -205,7 +244,14 @@ def cli(argv=None) -> int:
     parse = lambda: parse_config(Config, argv, "RLHF step 2: learn a reward model from comparisons.",  # noqa: E731
                                  HELP_GROUPS, TINY_OVERRIDES)  # fmt: skip
     # the model is saved whole at the end, or not at all (checkpoint.save_model_folder)
-    return exit_status(lambda: main(parse()), "before the reward model was saved: nothing was written; run it again")
+    def run():
+        main(parse())
+        distributed.teardown(wait=True)  # [ddp] no rank leaves before rank 0 has saved
+
+    try:
+        return exit_status(run, "before the reward model was saved: nothing was written; run it again")
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":
