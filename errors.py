@@ -95,7 +95,7 @@ def check_config(cfg, estimators) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ["steps", "init_kl_coef", "save_every", "sample_every", "eval_prompts", "min_review_chars",
                  "cliprange", "cliprange_value", "vf_coef", "group_size", "reward_batch_size", "lora_rank",
-                 "lora_alpha", "lora_dropout"]:  # fmt: skip
+                 "lora_alpha", "lora_dropout", "explain_after"]:  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
     if cfg.batch_size % cfg.mini_batch_size:

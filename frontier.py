@@ -18,7 +18,8 @@ classifier was there):
                               model (--reward-fn tiny:judge_normalized), the same β
                    DPO        on the same pairs, at three values of its β
                    best-of-n  n samples of the starting policy, the reward model's favourite kept;
-                              its KL is exact: log n − (n − 1)/n
+                              its KL taken as log n − (n − 1)/n, an upper bound (equal only when
+                              the n answers cannot repeat)
     4. measure   every trained policy answers the same held-out prompts once: the judge's mean
                  score (gold), KL(π ‖ π_ref) per response estimated on those samples as
                  train_dpo.evaluate does for DPO, and the fluent share

@@ -111,6 +111,25 @@ def entropy_from_logits(logits: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     return out.view(logits.shape[:-1])  # (...)
 
 
+def padded_logprobs(model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+    """The tutorial's gather, on the padded batch as it stands: (B, T) log-probs of the response
+    tokens under a plain Hugging Face causal LM, 0 at padding. The short version to read first;
+    `batched_forward_pass` computes the same numbers without running the padding (a test checks).
+
+    The output at position t predicts the token at t + 1, so the logits lose their last column
+    and the ids their first before the gather. Queries are left-padded, so each row's positions
+    are counted from its first real token, not from column 0.
+    """
+    ids = torch.cat([query_ids, response_ids], 1)  # (B, L)
+    mask = torch.cat([query_mask, response_mask], 1).long()  # (B, L)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # (B, L, V)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L - 1, V): predicts ids[:, 1:]
+    logprobs = torch.gather(logp, 2, ids[:, 1:, None]).squeeze(-1)  # (B, L - 1)
+    Q = query_ids.shape[1]
+    return torch.where(response_mask.bool(), logprobs[:, Q - 1 :], 0.0)  # (B, T): from the last query token on
+
+
 def plan_rows(lengths: list, row_tokens: int) -> tuple:
     """Place sequences of these lengths, in order, in rows of at most `row_tokens` tokens.
 

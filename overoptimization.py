@@ -10,7 +10,8 @@ which the reward model learned from and which no run trains on. The experiment:
     1. step 2            reward models from each of --pairs judged pairs (the default of
                          `train_reward_model.py --tiny` among them)
     2. best-of-n         n responses of the starting policy, the proxy's favourite kept; no
-                         training, and KL(best-of-n ‖ policy) = log n − (n − 1)/n exactly; its
+                         training, and KL(best-of-n ‖ policy) ≤ log n − (n − 1)/n, the bound taken as its KL (equal
+                         only when the n answers cannot repeat); its
                          n = 1 row (the starting policy's scores) is every curve's origin
     3. step 3 per β      PPO against each reward model for each KL coefficient β in --betas
                          (fixed; "adaptive" is the default controller from 0.2), logging both

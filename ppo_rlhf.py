@@ -114,6 +114,8 @@ class Config:
     sample_every: int = arg(10, "print a few decoded samples every N steps (0 = never)")
     eval_prompts: int = arg(64, "held-out prompts answered by reference and trained policy at the end")
     explain: bool = arg(False, "run one PPO step on 4 prompts (2 × K for rloo and grpo), print every tensor")
+    explain_after: int = arg(0, "with --explain: first train this many steps, so that the step explained shows "
+                                "the KL penalty, the values and the clipping at work (at step 1 all are 0)")
     resume: str = arg("", "continue the run saved in this output folder from its last checkpoint; auto: "
                           "--output-dir's run if it saved one, else start it (for torchrun --max-restarts)")
 
@@ -413,10 +415,15 @@ def main(cfg: Config) -> list:
 
     K = cfg.responses_per_prompt
     if cfg.explain:  # one step on 4 prompts (2 groups of K for rloo and grpo), every tensor printed; nothing is saved
+        per_step = cfg.batch_size // K
+        for i in range(cfg.explain_after):  # training steps first, on the prompts in order, so the KL has grown
+            batch_queries = [queries[(i * per_step + j) % len(queries)] for j in range(per_step)]
+            ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn,
+                     *left_pad(batch_queries, tokenizer.pad_token_id, device), cfg, autocast)  # fmt: skip
         query_ids, query_mask = left_pad(queries[: max(2, 4 // K)], tokenizer.pad_token_id, device)
         record, trace = ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask,
                                  cfg, autocast, explain=True)  # fmt: skip
-        report.explain(trace, record, tokenizer, cfg)
+        report.explain(trace, record, tokenizer, cfg, step=cfg.explain_after + 1)
         return [dict(record, trace=trace)]
 
     prompts_per_step = cfg.batch_size // K  # --batch-size counts episodes: prompts × K responses

@@ -51,12 +51,14 @@ def _show(name, tensor, note, mask=None):
         print("\n".join(out))
 
 
-def explain(trace: dict, record: dict, tokenizer, cfg) -> None:
-    """Print one PPO step as the loop computed it (see the module docstring)."""
+def explain(trace: dict, record: dict, tokenizer, cfg, step: int = 1) -> None:
+    """Print one PPO step as the loop computed it (see the module docstring); `step` > 1 after
+    `step − 1` training steps (--explain-after)."""
     qm, rm = trace["query_mask"], trace["response_mask"]
     B, Q = trace["query_ids"].shape
     T = trace["response_ids"].shape[1]
-    print(f"One PPO step on B={B} prompts: Q={Q} query columns (left-padded), T={T} response columns "
+    trained = f", after {step - 1} training steps" if step > 1 else ", the first: policy = reference, V = 0"
+    print(f"PPO step {step}{trained}.\nB={B} prompts: Q={Q} query columns (left-padded), T={T} response columns "
           "(right-padded).\n'·' marks padding: no loss, reward or statistic reads it.")  # fmt: skip
 
     _phase(1, "rollout: the policy continues each query", "ppo_rlhf.rollout")

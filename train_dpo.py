@@ -1,6 +1,6 @@
 """DPO: the policy learns from the comparisons themselves, with no reward model and no PPO.
 
-    python train_dpo.py --device cuda      # the DPO paper's IMDb task: gpt2-imdb's answers, judged by distilbert-imdb
+    python train_dpo.py --device cuda      # the DPO paper's IMDb recipe on the tutorial's models (docs/dpo.md)
     python train_dpo.py --tiny             # offline: the tiny world, judged by its raters
     python frontier.py                     # DPO beside PPO and best-of-n, on the same pairs (tiny world)
 
