@@ -115,6 +115,22 @@ def teardown(wait: bool = False) -> None:
     dist.destroy_process_group()
 
 
+def run_as_command(run, what_is_lost: str) -> int:
+    """`errors.exit_status(run, what_is_lost)` for an entry point that may run under torchrun:
+    after a run that finished, no rank leaves before rank 0 has saved (`teardown(wait=True)`);
+    the process group is torn down in any case."""
+    from errors import exit_status
+
+    def finished():
+        run()
+        teardown(wait=True)
+
+    try:
+        return exit_status(finished, what_is_lost)
+    finally:
+        teardown()
+
+
 def _device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

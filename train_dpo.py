@@ -41,7 +41,7 @@ import tiny
 from checkpoint import check_writable, save_model_folder
 from command_line import arg, parse_config
 from dpo import dpo_loss, implicit_rewards, sequence_logprobs
-from errors import ConfigError, RunError, check_pair_config, exit_status
+from errors import ConfigError, RunError, check_pair_config
 from loading import build_queries, left_pad, load_policy_and_tokenizer, load_review_texts, load_score_fn, load_scorer
 from loading import fork_rng, load_table, offline_if_hub_unreachable, resolve_device, right_pad, seed_everything
 from logprobs import batched_forward_pass
@@ -328,14 +328,8 @@ def cli(argv=None) -> int:
     """`python train_dpo.py ...`: run, and turn a RunError into one line and an exit status."""
     parse = lambda: parse_config(Config, argv, "DPO: learn a policy from comparisons, no reward model.",  # noqa: E731
                                  HELP_GROUPS, TINY_OVERRIDES)  # fmt: skip
-    def run():
-        main(parse())
-        distributed.teardown(wait=True)  # [ddp] no rank leaves before rank 0 has saved
-
-    try:
-        return exit_status(run, "before the policy was saved: nothing was written; run it again")
-    finally:
-        distributed.teardown()
+    what_is_lost = "before the policy was saved: nothing was written; run it again"
+    return distributed.run_as_command(lambda: main(parse()), what_is_lost)  # [ddp] torn down at the end
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import report
 import tiny
 from checkpoint import check_writable, save_model_folder
 from command_line import arg, parse_config
-from errors import ConfigError, check_pair_config, exit_status, load_errors_as_config_error
+from errors import ConfigError, check_pair_config, load_errors_as_config_error
 from loading import build_queries, load_preference_pairs, load_review_texts
 from loading import load_scorer, load_tokenizer, offline_if_hub_unreachable, resolve_device, seed_everything
 from pairs import make_pairs
@@ -244,14 +244,8 @@ def cli(argv=None) -> int:
     parse = lambda: parse_config(Config, argv, "RLHF step 2: learn a reward model from comparisons.",  # noqa: E731
                                  HELP_GROUPS, TINY_OVERRIDES)  # fmt: skip
     # the model is saved whole at the end, or not at all (checkpoint.save_model_folder)
-    def run():
-        main(parse())
-        distributed.teardown(wait=True)  # [ddp] no rank leaves before rank 0 has saved
-
-    try:
-        return exit_status(run, "before the reward model was saved: nothing was written; run it again")
-    finally:
-        distributed.teardown()
+    what_is_lost = "before the reward model was saved: nothing was written; run it again"
+    return distributed.run_as_command(lambda: main(parse()), what_is_lost)  # [ddp] torn down at the end
 
 
 if __name__ == "__main__":
