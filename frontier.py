@@ -49,7 +49,7 @@ import train_reward_model
 # Three settings per method, fixed before the runs: PPO's fixed KL coefficient around --tiny's 0.2 start, DPO's β
 # around train_dpo.py --tiny's 0.5, best-of-n's n a factor 4 apart.
 SETTINGS = {"PPO": [0.03, 0.1, 0.3], "PPO-GT": [0.03, 0.1, 0.3], "DPO": [0.1, 0.5, 2.0], "best-of-n": [4, 16, 64]}
-PARAM = {"PPO": "β", "PPO-GT": "β", "DPO": "β", "best-of-n": "n"}
+PARAM = {"PPO": "β", "PPO-GT": "β", "DPO": "β_DPO", "best-of-n": "n"}  # PPO's KL coefficient, DPO's own β
 
 
 def held_out_prompts(pairs_file: str, limit: int) -> list:
@@ -103,13 +103,17 @@ def draw(points: list, path: str) -> None:
                 means.append((np.mean([p["kl"] for p in same]), np.mean([p["gold"] for p in same]), setting))
         means.sort()
         ax.plot([m[0] for m in means], [m[1] for m in means], "-o", color=colors[method], label=method)
-        for kl, gold, setting in means:
-            ax.annotate(f"{PARAM[method]}={setting}", (kl, gold), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for kl, gold, setting in means:  # beside the point, below it for the methods drawn low
+            below = method in ("PPO", "DPO")
+            ax.annotate(f"{PARAM[method]}={setting}", (kl, gold), fontsize=7, xytext=(6, -11 if below else 5),
+                        textcoords="offset points", color=colors[method],
+                        bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))  # fmt: skip
     reference = [p for p in points if p["method"] == "reference"]
     ax.axhline(np.mean([p["gold"] for p in reference]), color="gray", linestyle="--", linewidth=1,
-               label="starting policy")  # fmt: skip
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xlim(left=0)
+               label="starting policy (KL 0)")  # fmt: skip
+    kls = [p["kl"] for p in points if p["method"] != "reference"]
+    ax.set_xscale("log")  # every trained point has KL > 0; the start (KL 0) is the dashed line
+    ax.set_xlim(min(kls) / 1.5, max(kls) * 2.5)  # room for every point and its label
     ax.set_xlabel("KL(π ‖ π_ref) per response (nats)")
     ax.set_ylabel("gold score (tiny.judge) on held-out prompts")
     ax.set_title("The frontier in the tiny world: gold against KL (small dots: seeds; line: seed means)", fontsize=9)

@@ -288,7 +288,8 @@ def build_queries(texts, tokenizer, min_len: int, max_len: int, generator) -> li
 def load_queries(dataset: str, tokenizer, cfg, generator):
     """The run's queries, shuffled, as (held-out, training) lists of token ids.
 
-    Up to `cfg.eval_prompts` are held out for the before/after evaluation, never trained on.
+    Up to `cfg.eval_prompts` are set aside for the before/after evaluation and never put in a
+    training batch; short prefixes recur, so the same text can also be among the training prompts.
     """
     texts = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
     queries = build_queries(texts, tokenizer, cfg.query_min_len, cfg.query_max_len, generator)

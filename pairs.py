@@ -92,7 +92,8 @@ def judged_pairs(queries, responses, texts, scores, per_prompt: int, seed: int) 
 def make_pairs(model: str, tokenizer, queries, judge, cfg, device):
     """Held-out and training pairs judged from K responses of the starting policy to each prompt.
 
-    The first prompts are held out (never trained on) and give the `cfg.heldout_pairs` held-out
+    The first prompts are held out (set aside, never in a training pair; a short prefix can recur
+    among the training prompts) and give the `cfg.heldout_pairs` held-out
     pairs; the rest give the `cfg.pairs` training pairs, a prompt coming back with new responses
     when there are too few. K is `cfg.responses_per_prompt`; `cfg.seed` draws the labels.
 

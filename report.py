@@ -194,6 +194,9 @@ def memory_line(measured: dict, planned: dict) -> str:
             f"(freed after each step); while sampling, the gathered weights add {planned['rollout_gathered']:,}")
 
 
+EMPTY = "(empty)"  # samples.md's cell for a response that ended at once (EOS first)
+
+
 def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows: int = 8) -> str:
     """Write `samples.md`: held-out prompts, the reference's and the trained policy's responses.
 
@@ -210,10 +213,11 @@ def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows:
     """
 
     def cell(text):
-        return text.replace("|", "\\|").replace("\n", " ")
+        return text.replace("|", "\\|").replace("\n", " ") if text.strip() else EMPTY
 
     n, gold = len(queries), before[2] is not None
-    summary = [f"Held-out prompts: {n}, never trained on. Mean score ± standard error:",
+    summary = [f"Held-out prompts: {n}, set aside from training (a short prefix can recur among the training "
+               "prompts). Mean score ± standard error:",
                f"reference {mean_and_sem(before[1])}, trained policy {mean_and_sem(after[1])}."]  # fmt: skip
     if gold:
         summary.append(f"Gold score (the judge, never trained on): reference {mean_and_sem(before[2])}, "
@@ -227,6 +231,8 @@ def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows:
     for i, (q, r, t, rs, ts) in enumerate(zip(queries, before[0], after[0], before[1], after[1])):
         golds = f" {before[2][i]:+.2f} | {after[2][i]:+.2f} |" if gold else ""
         table.append(f"| {cell(q)} | {cell(r)} | {cell(t)} | {rs:+.2f} | {ts:+.2f} |" + golds)
+    if any(not text.strip() for text in before[0] + after[0]):
+        summary.append(f"{EMPTY}: an empty answer, the model's first token was its end-of-sequence token.")
     path = os.path.join(output_dir, "samples.md")
     with open(path, "w") as f:
         f.write("\n".join(summary) + "\n\n" + "\n".join(table) + "\n")

@@ -67,7 +67,7 @@ class Config:
     tiny: bool = arg(False, "offline: the policy, prompts and judge of tiny.py's world")
     # pairs, as ppo_rlhf.py's rollout samples
     pairs: int = arg(5000, "training pairs to sample and label (with --preferences: at most this many)")
-    heldout_pairs: int = arg(500, "pairs held out, on prompts never trained on")
+    heldout_pairs: int = arg(500, "pairs held out, on prompts set aside from the training pairs")
     responses_per_prompt: int = arg(4, "K responses per prompt, all K·(K−1)/2 pairs judged; the DPO paper's 4")
     query_min_len: int = arg(2, "shortest query, in tokens")
     query_max_len: int = arg(7, "longest query, in tokens")

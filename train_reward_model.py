@@ -68,7 +68,7 @@ class Config:
     pairs: int = arg(5000, "training pairs to sample and label (with --preferences: at most this many)")
     responses_per_prompt: int = arg(2, "K responses sampled per prompt, all K·(K−1)/2 pairs judged (pairs.py); "
                                        "the DPO paper's 4 gives 6 pairs a prompt")
-    heldout_pairs: int = arg(500, "pairs held out for the accuracies in eval.json, on prompts never trained on")
+    heldout_pairs: int = arg(500, "pairs held out for the accuracies in eval.json, on prompts set aside from training")
     query_min_len: int = arg(2, "shortest query, in tokens")
     query_max_len: int = arg(7, "longest query, in tokens")
     response_min_len: int = arg(4, "shortest response to sample, in tokens")
