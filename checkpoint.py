@@ -256,7 +256,7 @@ def resume_config(cfg):
     `--resume auto`: DIR is `--output-dir`, when it holds a checkpoint; without one the run
     starts (the config returned has `resume` empty). The whole checkpoint is checked here,
     before anything is loaded, so a bad one costs no time; a save cut short in its moves is
-    checked after `finish_interrupted_save` has finished it, in `restore_state`.
+    checked after `finish_interrupted_save` has finished it, in `restore_weights`.
     """
     if cfg.resume == "auto":
         if not has_checkpoint(cfg.output_dir):

@@ -26,7 +26,7 @@ modes) and `# [fsdp]` (sharding only) in ppo_rlhf.py:
     errors         a one-line error on one rank stops every rank with that line (`together`)
 
 Rank 0 alone prints and writes files. Without torchrun (no WORLD_SIZE in the environment) every
-function here is a no-op, and the loop reads as on one device.
+function the loop calls here is a no-op, and the loop reads as on one device.
 
 Collectives run on the device of the process group's backend: NCCL wants CUDA tensors, gloo CPU
 ones; `_device()` picks, so a CPU float never reaches NCCL.
@@ -40,7 +40,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from errors import ConfigError, NonFiniteError, RunError, first_line
+from errors import ConfigError, NonFiniteError, RunError, exit_status, first_line
 
 
 def world_size() -> int:
@@ -119,7 +119,6 @@ def run_as_command(run, what_is_lost: str) -> int:
     """`errors.exit_status(run, what_is_lost)` for an entry point that may run under torchrun:
     after a run that finished, no rank leaves before rank 0 has saved (`teardown(wait=True)`);
     the process group is torn down in any case."""
-    from errors import exit_status
 
     def finished():
         run()
@@ -276,7 +275,7 @@ def together():
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(getattr(model, "policy", model), FSDPModule)  # lora.AdaptersOff: its policy
+    return isinstance(model, FSDPModule)
 
 
 def transformer_blocks(model) -> list:
@@ -323,13 +322,11 @@ def gathered(model):
     are local. The cost is memory: while the block runs, each rank holds the whole model's
     weights (docs/torchrun.md has the numbers). Without sharding, a no-op.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     model = getattr(model, "policy", model)  # lora.AdaptersOff: the policy with adapters off
-    if not isinstance(model, FSDPModule):
+    if not is_sharded(model):
         yield
         return
-    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    blocks = [m for m in model.modules() if is_sharded(m) and m is not model]
     for block in blocks:
         block.set_reshard_after_forward(False, recurse=False)
     try:
@@ -358,11 +355,10 @@ def full_state(model, optimizer):
     Otherwise: (None: the caller saves the model as it is, the optimizer's own state_dict())."""
     if not is_sharded(model):
         return None, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    module = getattr(model, "policy", model)
-    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
+    return full_weights(model), get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:

@@ -146,14 +146,12 @@ def save(policy, directory: str, state_dict: dict = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from value_head import VALUE_HEAD_FILE
+    from value_head import VALUE_HEAD_FILE, sub_state_dict
 
     peft = import_peft()
     adapter = os.path.join(directory, ADAPTER_DIR)
-    part = lambda prefix: None if state_dict is None else {  # noqa: E731
-        k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}  # fmt: skip
     with quiet_peft():
-        policy.lm.save_pretrained(adapter, state_dict=part("lm."))
+        policy.lm.save_pretrained(adapter, state_dict=sub_state_dict(state_dict, "lm."))
     base = AutoModelForCausalLM.from_pretrained(policy.lm.get_base_model().config._name_or_path, dtype=torch.float32)
     if base.config.tie_word_embeddings:  # the head's adapter changes the output side only: untie before merging
         head = base.get_output_embeddings()
@@ -163,7 +161,8 @@ def save(policy, directory: str, state_dict: dict = None) -> None:
         merged = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.generation_config = policy.lm.generation_config  # pure sampling, as the policy samples
     merged.save_pretrained(directory)
-    torch.save(part("v_head.") or policy.v_head.state_dict(), os.path.join(directory, VALUE_HEAD_FILE))
+    head = sub_state_dict(state_dict, "v_head.") or policy.v_head.state_dict()
+    torch.save(head, os.path.join(directory, VALUE_HEAD_FILE))
 
 
 def load_trainable(policy, directory: str) -> None:

@@ -87,13 +87,20 @@ def dropout_off(model: nn.Module) -> nn.Module:
     Returns:
         The same model, for chaining.
     """
-    zero = lambda obj: [setattr(obj, k, 0.0) for k, v in list(vars(obj).items())  # noqa: E731
-                        if "drop" in k and isinstance(v, float)]  # fmt: skip
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
-        zero(module)
+        for name, value in list(vars(module).items()):
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
     return model
+
+
+def sub_state_dict(state_dict, prefix: str):
+    """The entries of `state_dict` under `prefix`, the prefix removed; None for None."""
+    if state_dict is None:
+        return None
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 class CausalLMWithValueHead(nn.Module):
@@ -180,10 +187,9 @@ class CausalLMWithValueHead(nn.Module):
             for name, p in self.named_parameters(remove_duplicate=False):
                 if name in state_dict:
                     state_dict[name] = state_dict[first.setdefault(id(p), name)]
-        part = lambda prefix: None if state_dict is None else {  # noqa: E731
-            k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}  # fmt: skip
-        self.lm.save_pretrained(save_directory, state_dict=part("lm."))
-        torch.save(part("v_head.") or self.v_head.state_dict(), os.path.join(save_directory, VALUE_HEAD_FILE))
+        self.lm.save_pretrained(save_directory, state_dict=sub_state_dict(state_dict, "lm."))
+        head = sub_state_dict(state_dict, "v_head.") or self.v_head.state_dict()
+        torch.save(head, os.path.join(save_directory, VALUE_HEAD_FILE))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, lm_class, **kwargs) -> "CausalLMWithValueHead":
