@@ -31,6 +31,16 @@ from its own new answers, so it can raise the likelihood of text no pair showed 
 "reward" it optimizes is defined only through the pairs, so nothing reins it in where they are
 silent (Xu et al. 2024).
 
+The DPO paper's IMDb frontier (Fig. 2, left) sets DPO beside two baselines that learn from the
+same pairs with no reference in their loss, written here as well:
+
+    Preferred-FT:  loss = − mean_t log π(y_c,t | x, y_c,<t)                      (fine-tune on the chosen)
+    Unlikelihood:  loss = − mean_t log π(y_c,t | ...)  −  α · mean_t log(1 − π(y_r,t | x, y_r,<t))
+
+Unlikelihood raises the chosen answer's tokens and pushes the rejected answer's tokens down, the
+token-level unlikelihood term of Welleck et al. (2019) (bounded: each token's term stops at
+π = 0). Neither has anything holding π near π_ref: only the length of training does.
+
 Legend: P pairs, T response length.
 
 References:
@@ -38,6 +48,7 @@ References:
       Reward Model", §4 and eq. 7.
   [2] Ziegler et al. 2019 and Peters & Schaal 2007: the closed form of the KL-constrained optimum.
   [3] Xu et al. 2024, "Is DPO Superior to PPO for LLM Alignment? A Comprehensive Study".
+  [4] Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training", §4.
 """
 
 import torch
@@ -87,3 +98,39 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     rejected = implicit_rewards(policy_rejected_logps, ref_rejected_logps, beta)  # (P,)
     loss = -F.logsigmoid(chosen - rejected).mean()  # logsigmoid: finite however far apart
     return loss, chosen.detach(), rejected.detach()
+
+
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the True places of `mask` (every response token of the batch)."""
+    mask = mask.bool()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def preferred_ft_loss(chosen_token_logprobs: torch.Tensor, chosen_mask: torch.Tensor) -> torch.Tensor:
+    """Preferred-FT: supervised fine-tuning on the chosen answers, the mean negative log-likelihood
+    of their tokens.
+
+    Args:
+        chosen_token_logprobs: (P, T) log π of each chosen-response token; chosen_mask: (P, T) bool.
+    """
+    return -token_mean(chosen_token_logprobs, chosen_mask)
+
+
+def log1mexp(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 − p) from log p ≤ 0, accurate at both ends (p near 0 and p near 1)."""
+    logp = logp.clamp(max=-1e-7)  # p = 1 exactly would give log 0
+    return torch.where(logp > -0.6931, torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+
+
+def unlikelihood_loss(chosen_token_logprobs, chosen_mask, rejected_token_logprobs, rejected_mask, alpha: float):
+    """Unlikelihood: the chosen answer's tokens up (likelihood), the rejected answer's down
+    (unlikelihood: − log(1 − π(token)), weighted by α).
+
+    Args:
+        chosen_token_logprobs, rejected_token_logprobs: (P, T) log π of each response token.
+        chosen_mask, rejected_mask: (P, T) bool, True at real response tokens.
+        alpha: α, the weight of the unlikelihood term.
+    """
+    likelihood = -token_mean(chosen_token_logprobs, chosen_mask)
+    unlikelihood = -token_mean(log1mexp(rejected_token_logprobs), rejected_mask)
+    return likelihood + alpha * unlikelihood

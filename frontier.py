@@ -13,21 +13,27 @@ classifier was there):
                  made once by the first DPO run and written to its pairs.jsonl
     2. step 2    a reward model from the same training pairs (train_reward_model.py)
     3. methods   each at 3 settings fixed in advance, the same budget for every method:
-                   PPO        against the step-2 reward model, fixed KL coefficient β
-                   PPO-GT     against the judge itself, normalized as step 2 normalizes a reward
-                              model (--reward-fn tiny:judge_normalized), the same β
-                   DPO        on the same pairs, at three values of its β
-                   best-of-n  n samples of the starting policy, the reward model's favourite kept;
-                              its KL taken as log n − (n − 1)/n, an upper bound (equal only when
-                              the n answers cannot repeat)
+                   PPO           against the step-2 reward model, fixed KL coefficient β
+                   PPO-GT        against the judge itself, normalized as step 2 normalizes a reward
+                                 model (--reward-fn tiny:judge_normalized), the same β
+                   DPO           on the same pairs, at three values of its β
+                   Preferred-FT  fine-tuned on the chosen answers of the same pairs, at three
+                                 learning rates (train_dpo.py --loss preferred-ft)
+                   Unlikelihood  the chosen answers up, the rejected answers' tokens down, at three
+                                 weights α (train_dpo.py --loss unlikelihood)
+                   best-of-n     n samples of the starting policy, the reward model's favourite kept;
+                                 its KL taken as log n − (n − 1)/n, an upper bound (equal only when
+                                 the n answers cannot repeat). Not on the paper's IMDb frontier: its
+                                 summarization and dialogue baseline, and Gao et al.'s (2022)
     4. measure   every trained policy answers the same held-out prompts once: the judge's mean
                  score (gold), KL(π ‖ π_ref) per response estimated on those samples as
                  train_dpo.evaluate does for DPO, and the fluent share
     5. results   every point (method, setting, seed, kl, gold, fluency) in results.json, a copy in
                  docs/frontier.json, and the picture docs/frontier.png
 
-Nothing here was tuned for either side: PPO runs `--tiny`'s settings at `--lr 1e-4` (the lr
-docs/reward-model.md uses against a learned reward), DPO `train_dpo.py --tiny`'s.
+The first five are the paper's IMDb frontier (Fig. 2, left). Nothing here was tuned for either
+side: PPO runs `--tiny`'s settings at `--lr 1e-4` (the lr docs/reward-model.md uses against a
+learned reward), DPO and its two baselines `train_dpo.py --tiny`'s.
 """
 
 import argparse
@@ -47,9 +53,12 @@ import train_dpo
 import train_reward_model
 
 # Three settings per method, fixed before the runs: PPO's fixed KL coefficient around --tiny's 0.2 start, DPO's β
-# around train_dpo.py --tiny's 0.5, best-of-n's n a factor 4 apart.
-SETTINGS = {"PPO": [0.03, 0.1, 0.3], "PPO-GT": [0.03, 0.1, 0.3], "DPO": [0.1, 0.5, 2.0], "best-of-n": [4, 16, 64]}
-PARAM = {"PPO": "β", "PPO-GT": "β", "DPO": "β_DPO", "best-of-n": "n"}  # PPO's KL coefficient, DPO's own β
+# around train_dpo.py --tiny's 0.5, Preferred-FT's learning rate around --tiny's 3e-4 (it has no β), Unlikelihood's
+# α from a light touch to the full term, best-of-n's n a factor 4 apart.
+SETTINGS = {"PPO": [0.03, 0.1, 0.3], "PPO-GT": [0.03, 0.1, 0.3], "DPO": [0.1, 0.5, 2.0],
+            "Preferred-FT": [1e-4, 3e-4, 1e-3], "Unlikelihood": [0.1, 0.3, 1.0], "best-of-n": [4, 16, 64]}  # fmt: skip
+PARAM = {"PPO": "β", "PPO-GT": "β", "DPO": "β_DPO", "Preferred-FT": "lr", "Unlikelihood": "α", "best-of-n": "n"}
+BASELINE_LOSS = {"Preferred-FT": ("preferred-ft", "lr"), "Unlikelihood": ("unlikelihood", "unlikelihood_alpha")}
 
 
 def held_out_prompts(pairs_file: str, limit: int) -> list:
@@ -84,41 +93,57 @@ def best_of_n(reference, tokenizer, queries, score, n_max: int, ns, seed: int, c
     return points
 
 
+# Where each method's setting labels sit beside its points (offset in points, alignment), so that
+# methods whose points fall close together label them on different sides.
+LABEL_AT = {"PPO": ((7, 4), "left"), "PPO-GT": ((0, 8), "center"), "DPO": ((7, -12), "left"),
+            "Preferred-FT": ((0, 8), "center"), "Unlikelihood": ((7, 4), "left"), "best-of-n": ((7, -12), "left"),
+            ("PPO", 0.3): ((-4, 10), "right"), ("PPO-GT", 0.3): ((-7, -3), "right")}  # fmt: skip
+
+
 def draw(points: list, path: str) -> None:
-    """Gold against KL, one colour per method, each seed's point small and the seed mean large."""
+    """Gold against KL, one colour per method, each seed's point small and the seed mean large:
+    on the left every method, on the right the crowded region without Unlikelihood, labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw=dict(width_ratios=[1, 1.35]))
     colors = dict(zip(SETTINGS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    means = {}  # method: [(kl, gold, setting)] seed means, by KL
     for method in SETTINGS:
         mine = [p for p in points if p["method"] == method]
-        ax.scatter([p["kl"] for p in mine], [p["gold"] for p in mine], s=12, alpha=0.35, color=colors[method])
-        means = []
-        for setting in SETTINGS[method]:
-            same = [p for p in mine if p["setting"] == setting]
-            if same:
-                means.append((np.mean([p["kl"] for p in same]), np.mean([p["gold"] for p in same]), setting))
-        means.sort()
-        ax.plot([m[0] for m in means], [m[1] for m in means], "-o", color=colors[method], label=method)
-        for kl, gold, setting in means:  # beside the point, below it for the methods drawn low
-            below = method in ("PPO", "DPO")
-            ax.annotate(f"{PARAM[method]}={setting}", (kl, gold), fontsize=7, xytext=(6, -11 if below else 5),
-                        textcoords="offset points", color=colors[method],
-                        bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))  # fmt: skip
-    reference = [p for p in points if p["method"] == "reference"]
-    ax.axhline(np.mean([p["gold"] for p in reference]), color="gray", linestyle="--", linewidth=1,
-               label="starting policy (KL 0)")  # fmt: skip
+        rows = [[p for p in mine if p["setting"] == s] for s in SETTINGS[method]]
+        means[method] = sorted((np.mean([p["kl"] for p in r]), np.mean([p["gold"] for p in r]), s)
+                               for r, s in zip(rows, SETTINGS[method]) if r)  # fmt: skip
+    start = np.mean([p["gold"] for p in points if p["method"] == "reference"])
+    zoomed = [m for m in SETTINGS if m != "Unlikelihood"]
+    for ax, methods, labelled in ((axes[0], list(SETTINGS), ["Unlikelihood"]), (axes[1], zoomed, zoomed)):
+        for method in methods:
+            mine = [p for p in points if p["method"] == method]
+            ax.scatter([p["kl"] for p in mine], [p["gold"] for p in mine], s=12, alpha=0.35, color=colors[method])
+            ax.plot([m[0] for m in means[method]], [m[1] for m in means[method]], "-o", color=colors[method],
+                    label=method)  # fmt: skip
+            if method in labelled:
+                for kl, gold, setting in means[method]:
+                    (dx, dy), ha = LABEL_AT.get((method, setting), LABEL_AT[method])
+                    ax.annotate(f"{PARAM[method]}={setting:g}", (kl, gold), fontsize=7, xytext=(dx, dy), ha=ha,
+                                textcoords="offset points", color=colors[method],
+                                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))  # fmt: skip
+        ax.axhline(start, color="gray", linestyle="--", linewidth=1, label="starting policy (KL 0)")
+        ax.set_xscale("log")  # every trained point has KL > 0; the start (KL 0) is the dashed line
+        ax.set_xlabel("KL(π ‖ π_ref) per response (nats)")
+        ax.grid(alpha=0.3)
     kls = [p["kl"] for p in points if p["method"] != "reference"]
-    ax.set_xscale("log")  # every trained point has KL > 0; the start (KL 0) is the dashed line
-    ax.set_xlim(min(kls) / 1.5, max(kls) * 2.5)  # room for every point and its label
-    ax.set_xlabel("KL(π ‖ π_ref) per response (nats)")
-    ax.set_ylabel("gold score (tiny.judge) on held-out prompts")
-    ax.set_title("The frontier in the tiny world: gold against KL (small dots: seeds; line: seed means)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    axes[0].set_xlim(min(kls) / 1.5, max(kls) * 2.5)
+    axes[0].set_ylabel("gold score (tiny.judge) on held-out prompts")
+    axes[0].set_title("every method (small dots: seeds; line: seed means)", fontsize=9)
+    axes[0].legend(fontsize=8, loc="lower left")
+    shown = [p for p in points if p["method"] in zoomed]  # the right panel holds every one of its points
+    axes[1].set_xlim(min(p["kl"] for p in shown if p["kl"] > 0) / 1.6, max(p["kl"] for p in shown) * 1.8)
+    axes[1].set_ylim(min(p["gold"] for p in shown) - 0.08, max(p["gold"] for p in shown) + 0.08)
+    axes[1].set_title("without Unlikelihood, zoomed: each seed mean labelled with its setting", fontsize=9)
+    fig.suptitle("The frontier in the tiny world: gold against KL", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -186,6 +211,16 @@ def main(argv=None) -> dict:
             points.append(dict(method="reference", setting="—", seed=seed, kl=0.0, gold=result["gold_reference"],
                                fluency=result["fluency_reference"]))  # fmt: skip
         queries = held_out_prompts(pairs_file, args.eval_prompts)
+
+        # the DPO paper's two other baselines, on the same pairs and measured alike (train_dpo.evaluate)
+        for method, (loss, knob) in BASELINE_LOSS.items():
+            for setting in SETTINGS[method] if method in args.methods else []:
+                cfg = train_dpo.Config(**{**train_dpo.TINY_OVERRIDES, "seed": seed, "device": args.device, "loss": loss,
+                                          knob: setting, "pairs": args.pairs, "eval_prompts": args.eval_prompts,
+                                          "output_dir": os.path.join(base, f"{loss}-{setting}"), "preferences": pairs_file})  # fmt: skip
+                result = train_dpo.main(cfg)
+                points.append(dict(method=method, setting=setting, seed=seed, kl=result["kl_policy"],
+                                   gold=result["gold_policy"], fluency=result["fluency_policy"]))  # fmt: skip
 
         # 2. step 2 on the same training pairs
         train_only = os.path.join(base, "train-pairs.jsonl")

@@ -8,6 +8,7 @@ ConfigError line (errors.py).
 """
 
 import copy
+import hashlib
 import os
 import random
 
@@ -263,17 +264,20 @@ def load_review_texts(dataset: str, split: str, text_column: str, min_chars: int
 
 
 def load_preference_pairs(dataset: str, split: str) -> tuple:
-    """(chosen texts, rejected texts) of a preference dataset with `chosen` and `rejected` text
-    columns, each text the prompt and its response, as in Anthropic's HH-RLHF."""
+    """(prompts, chosen texts, rejected texts) of a preference dataset with `chosen` and `rejected`
+    text columns, each text the prompt and its response, as in Anthropic's HH-RLHF. A prompt is the
+    `prompt` column where there is one, else the text the two share at their start."""
     data = load_table(dataset, split)
     missing = [c for c in ("chosen", "rejected") if c not in data.column_names]
     if missing:
         raise ConfigError(f"preference dataset {dataset} has no column {missing[0]!r}; its columns are "
                           f"{data.column_names}: it needs the text columns 'chosen' and 'rejected'")  # fmt: skip
-    pairs = [(c, r) for c, r in zip(data["chosen"], data["rejected"]) if isinstance(c, str) and isinstance(r, str)]
-    if not pairs:
+    given = data["prompt"] if "prompt" in data.column_names else [None] * len(data)
+    rows = [(p if isinstance(p, str) else os.path.commonprefix([c, r]), c, r)
+            for p, c, r in zip(given, data["chosen"], data["rejected"]) if isinstance(c, str) and isinstance(r, str)]  # fmt: skip
+    if not rows:
         raise ConfigError(f"preference dataset {dataset} holds no pair of texts in 'chosen' and 'rejected'")
-    return [c for c, _ in pairs], [r for _, r in pairs]
+    return [p for p, _, _ in rows], [c for _, c, _ in rows], [r for _, _, r in rows]
 
 
 def build_queries(texts, tokenizer, min_len: int, max_len: int, generator) -> list:
@@ -284,21 +288,46 @@ def build_queries(texts, tokenizer, min_len: int, max_len: int, generator) -> li
     return [row[:n] for row, n in zip(ids, lengths.tolist()) if len(row) >= min_len]
 
 
+HELDOUT_SHARE = 0.2  # the share of prompt texts held out, one in five
+
+
+def is_held_out(text: str, share: float = HELDOUT_SHARE) -> bool:
+    """Whether a prompt text is held out: a hash of the text decides, not a draw.
+
+    So a text is held out everywhere or nowhere: in every entry point (PPO's final answers, step
+    2's and DPO's held-out pairs, the frontier's prompts), under every seed and on every rank. A
+    prompt that recurs (short prefixes do: "I saw this") lands on one side with all its copies.
+    What still crosses: a held-out prompt can be the start of a longer training prompt ("the
+    movie was" held out, "the movie was great" trained on).
+    """
+    digest = hashlib.sha256(" ".join(text.split()).encode()).digest()  # whitespace-insensitive, stable across runs
+    return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
+def split_held_out(queries, tokenizer) -> tuple:
+    """(held-out, training) queries, each in the order given; no text is on both sides."""
+    held = [is_held_out(tokenizer.decode(q, skip_special_tokens=True)) for q in queries]
+    return [q for q, h in zip(queries, held) if h], [q for q, h in zip(queries, held) if not h]
+
 
 def load_queries(dataset: str, tokenizer, cfg, generator):
     """The run's queries, shuffled, as (held-out, training) lists of token ids.
 
-    Up to `cfg.eval_prompts` are set aside for the before/after evaluation and never put in a
-    training batch; short prefixes recur, so the same text can also be among the training prompts.
+    Up to `cfg.eval_prompts` held-out queries (`split_held_out`) are answered before and after
+    training; no training query has the text of any of them.
     """
     texts = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
     queries = build_queries(texts, tokenizer, cfg.query_min_len, cfg.query_max_len, generator)
     queries = [queries[i] for i in torch.randperm(len(queries), generator=generator)]
-    n_eval = max(0, min(cfg.eval_prompts, len(queries) - cfg.batch_size))
-    if len(queries) - n_eval < cfg.batch_size:
+    if len(queries) < cfg.batch_size:
         raise ConfigError(f"only {len(queries)} prompts have at least {cfg.query_min_len} tokens, fewer than "
                           f"--batch-size {cfg.batch_size}: lower --batch-size or use a larger dataset")  # fmt: skip
-    return queries[:n_eval], queries[n_eval:]
+    held, train = split_held_out(queries, tokenizer)
+    if len(train) < cfg.batch_size:
+        raise ConfigError(f"only {len(train)} training prompts (of {len(queries)}; the others are held out), fewer "
+                          f"than --batch-size {cfg.batch_size}: lower --batch-size or use a larger dataset")  # fmt: skip
+    return held[: cfg.eval_prompts], train
+
 
 def left_pad(queries, pad_id: int, device):
     """Queries of different lengths as one left-padded batch, so that all of them end together.

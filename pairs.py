@@ -13,6 +13,7 @@ learn from the very same comparisons.
 """
 
 import math
+import random
 
 import torch
 
@@ -28,6 +29,26 @@ def pairs_per_prompt(k: int) -> int:
 def prompts_for(n_pairs: int, k: int) -> int:
     """How many prompts give at least `n_pairs` pairs with K responses each."""
     return math.ceil(n_pairs / pairs_per_prompt(k))
+
+
+def split_by_prompt(prompts, n_held: int, seed: int) -> tuple:
+    """Indices (held-out, training) of the pairs whose prompt texts are `prompts`, for a preference
+    dataset that names no split: whole prompts are held out, in an order `seed` draws, until at
+    least `n_held` pairs are, and at least one prompt is left to train on. No prompt text is on
+    both sides; with a single prompt nothing can be held out (the held-out list is empty).
+    """
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(" ".join(p.split()), []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    held = []
+    for group in order[:-1]:  # the last prompt always trains
+        if len(held) >= n_held:
+            break
+        held += group
+    kept = set(held)
+    return held, [i for i in range(len(prompts)) if i not in kept]
 
 
 def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 2, prompts_per_call: int = 128):
@@ -92,24 +113,26 @@ def judged_pairs(queries, responses, texts, scores, per_prompt: int, seed: int) 
 def make_pairs(model: str, tokenizer, queries, judge, cfg, device):
     """Held-out and training pairs judged from K responses of the starting policy to each prompt.
 
-    The first prompts are held out (set aside, never in a training pair; a short prefix can recur
-    among the training prompts) and give the `cfg.heldout_pairs` held-out
-    pairs; the rest give the `cfg.pairs` training pairs, a prompt coming back with new responses
-    when there are too few. K is `cfg.responses_per_prompt`; `cfg.seed` draws the labels.
+    The held-out prompts are those whose text `loading.split_held_out` holds out, the same texts
+    ppo_rlhf.py holds out: no training pair has the prompt text of a held-out pair. They give the
+    `cfg.heldout_pairs` held-out pairs and the training prompts the `cfg.pairs` training pairs, on
+    either side a prompt coming back with new responses when there are too few. K is
+    `cfg.responses_per_prompt`; `cfg.seed` draws the labels.
 
     Returns:
         (held-out pairs, training pairs), each a list of `judged_pairs` dicts.
     """
     from errors import ConfigError
-    from loading import load_policy_and_tokenizer
+    from loading import HELDOUT_SHARE, load_policy_and_tokenizer, split_held_out
 
     n_pairs, n_heldout, k = cfg.pairs, cfg.heldout_pairs, cfg.responses_per_prompt
     n_held = prompts_for(n_heldout, k)
-    if len(queries) <= n_held:
-        raise ConfigError(f"only {len(queries)} prompts, not more than the {n_held} that --heldout-pairs {n_heldout} "
-                          f"needs at {k} responses per prompt: lower it or use a larger dataset")  # fmt: skip
-    held, train = queries[:n_held], queries[n_held:]
-    train = [train[i % len(train)] for i in range(prompts_for(n_pairs, k))]  # a prompt may come back
+    held, train = split_held_out(queries, tokenizer)
+    if not held or not train:
+        raise ConfigError(f"of the {len(queries)} prompts, {len(held)} are held out ({HELDOUT_SHARE:.0%} of the texts, by a "
+                          f"hash of the text) and {len(train)} left to train on: both need at least one; use a larger dataset")  # fmt: skip
+    held = [held[i % len(held)] for i in range(n_held)]  # a prompt may come back, on either side
+    train = [train[i % len(train)] for i in range(prompts_for(n_pairs, k))]
     prompts = held + train
     print(f"sampling {k * len(prompts)} responses of {model} to {len(prompts)} prompts, 128 prompts a call")
     policy, _ = load_policy_and_tokenizer(model, device)  # the caller's tokenizer is the one used and saved

@@ -216,8 +216,8 @@ def write_samples(output_dir: str, queries, before, after, is_fluent=None, rows:
         return text.replace("|", "\\|").replace("\n", " ") if text.strip() else EMPTY
 
     n, gold = len(queries), before[2] is not None
-    summary = [f"Held-out prompts: {n}, set aside from training (a short prefix can recur among the training "
-               "prompts). Mean score ± standard error:",
+    summary = [f"Held-out prompts: {n}, none of whose texts is a training prompt (loading.is_held_out). "
+               "Mean score ± standard error:",
                f"reference {mean_and_sem(before[1])}, trained policy {mean_and_sem(after[1])}."]  # fmt: skip
     if gold:
         summary.append(f"Gold score (the judge, never trained on): reference {mean_and_sem(before[2])}, "
@@ -268,14 +268,18 @@ def draw_curves(runs, title: str = "", kl_target=None):
         if key == "kl_coef":  # from 0: in --tiny β moves by a few percent, which an auto-scaled axis shows as a plunge
             ax.set_ylim(bottom=0, top=max(max(r[key] for r in records) for records in runs.values()) * 1.15 or 1)
         if key == "kl" and kl_target:
-            ax.axhline(kl_target, color="gray", linestyle="--", linewidth=1, label=f"KL target {kl_target:g}")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper left", fontsize=8)
+            target = ax.axhline(kl_target, color="gray", linestyle="--", linewidth=1)
+            ax.legend([target], [f"KL target {kl_target:g}"], loc="best", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("PPO step")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=9, y=0.995)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if labels:  # the runs' names once, under the title and above the panels, where no curve runs
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3), fontsize=8, bbox_to_anchor=(0.5, 0.97))
+        fig.tight_layout(rect=(0, 0, 1, 0.94))
+    else:
+        fig.tight_layout()
     return fig
 
 

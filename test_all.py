@@ -522,7 +522,7 @@ def test_step_2_starts_from_other_architectures_and_step_3_scores_with_it(arch, 
     out = tmp_path / "rm"
     result = train_reward_model.main(rm_config(model=directory, preferences=prefs, pairs=12, heldout_pairs=4,
                                                epochs=1, output_dir=str(out)))  # fmt: skip
-    assert result["pairs_train"] == 12
+    assert result["pairs_train"] + result["pairs_heldout"] == 16 and result["pairs_heldout"] >= 4  # whole prompts held out
     score = loading.load_score_fn(str(out), "POSITIVE", 4, torch.device("cpu"))
     assert torch.isfinite(score(["the movie is good .", "the plot was bad ."])).all()
     history = ppo_rlhf.main(ppo_rlhf.Config(model=directory, dataset=tiny.ensure_world()[2], reward_model=str(out),
@@ -1008,6 +1008,28 @@ def test_dpo_padding_gets_no_gradient():
     assert token_logprobs.grad[mask].abs().sum() > 0
 
 
+def test_preferred_ft_and_unlikelihood_losses_are_their_formulas():
+    """The DPO paper's two baselines (dpo.py): Preferred-FT is the chosen tokens' mean NLL;
+    Unlikelihood adds α times the mean of −log(1 − π) over the rejected tokens. Padding counts
+    for nothing; log(1 − p) is right where 1 − exp(log p) loses its digits (p near 0 and near 1)."""
+    torch.manual_seed(0)
+    lp_c, lp_r = -torch.rand(3, 5) * 4, -torch.rand(3, 5) * 4  # log-probs ≤ 0
+    m_c, m_r = ragged_mask([5, 2, 3], 5), ragged_mask([1, 5, 4], 5)
+    nll = -lp_c[m_c].mean()
+    torch.testing.assert_close(dpo.preferred_ft_loss(lp_c, m_c), nll)
+    ul = -torch.log(1 - lp_r[m_r].double().exp()).mean().float()
+    torch.testing.assert_close(dpo.unlikelihood_loss(lp_c, m_c, lp_r, m_r, 0.3), nll + 0.3 * ul)
+    torch.testing.assert_close(dpo.unlikelihood_loss(lp_c, m_c, lp_r, m_r, 0.0), nll)
+    for logp in (-1e-5, -0.5, -0.7, -2.0, -40.0):  # float32 against float64 at both ends
+        exact = math.log(-math.expm1(logp))
+        assert dpo.log1mexp(torch.tensor(logp)).item() == pytest.approx(exact, rel=1e-5, abs=1e-12)
+    assert torch.isfinite(dpo.log1mexp(torch.tensor(0.0)))  # p = 1: clamped, not −inf
+    # the unlikelihood term pushes the rejected tokens down: its gradient on their log-probs is positive
+    lp = lp_r.clone().requires_grad_(True)
+    dpo.unlikelihood_loss(lp_c, m_c, lp, m_r, 1.0).backward()
+    assert (lp.grad[m_r] > 0).all() and torch.equal(lp.grad[~m_r], torch.zeros((~m_r).sum()))
+
+
 # ---------------------------------------------------------------------------------------------
 # reward_model.py
 # ---------------------------------------------------------------------------------------------
@@ -1397,7 +1419,7 @@ def test_a_reward_model_learns_a_handful_of_pairs_and_ppo_scores_with_it(world, 
     prefs = preference_csv(tmp_path / "prefs.csv", pairs)
     result = train_reward_model.main(rm_config(model=world[0], preferences=prefs, output_dir=str(out)))
     saved = json.load(open(out / "eval.json"))
-    assert saved == result and (saved["pairs_train"], saved["pairs_heldout"]) == (40, 8)
+    assert saved == result and saved["pairs_train"] + saved["pairs_heldout"] == 48 and saved["pairs_heldout"] >= 8
     assert saved["judge_heldout_accuracy"] is None and 0 <= saved["heldout_accuracy"] <= 1
     chosen, rejected = zip(*pairs)
     score = loading.load_score_fn(str(out), "POSITIVE", 4, torch.device("cpu"))  # any label: it has one
@@ -1430,7 +1452,8 @@ def test_against_a_learned_reward_the_kl_penalty_holds_off_overoptimization(tmp_
     result = json.load(open(rm / "eval.json"))
     assert (result["pairs_train"], result["pairs_heldout"], result["judge"]) == (6000, 400, "tiny:judge")
     assert 0.6 < result["judge_heldout_accuracy"] < 0.8  # noisy labels: the judge agrees with most, not all
-    assert result["heldout_accuracy"] > 0.65  # measured 0.688 (chance: 0.5; the judge's ceiling 0.706)
+    # measured 0.640, the judge's ceiling 0.676, on 400 held-out pairs (chance 0.5, one standard error 0.025)
+    assert result["heldout_accuracy"] > 0.6 and result["heldout_accuracy"] > result["judge_heldout_accuracy"] - 0.1
     assert abs(result["heldout_reward_std"] - 1) < 0.2  # normalized on the policy's samples
     runs = {}
     for name, kl in [("on", {}), ("off", dict(init_kl_coef=0.0, adaptive_kl=False))]:
@@ -1603,6 +1626,8 @@ def test_dpo_on_tiny_raises_the_gold_score_and_keeps_the_text_fluent(tmp_path):
     assert result["gold_policy"] > result["gold_reference"] + 0.1, result
     assert result["fluency_policy"] >= 0.7 and result["kl_policy"] > 0, result
     assert 0.5 < result["implicit_reward_accuracy"] <= 1
+    assert result["train_logp_chosen_change"] > result["train_logp_rejected_change"]  # the margins widened
+    assert 0 <= result["train_both_fell"] <= 1
     rows = [json.loads(line) for line in open(out / "pairs.jsonl")]
     assert {r["split"] for r in rows} == {"train", "heldout"} and len(rows) == result["pairs_train"] + result["pairs_heldout"]
     assert all(r["prompt_ids"] and r["chosen_ids"] and r["rejected_ids"] for r in rows)
@@ -1610,9 +1635,78 @@ def test_dpo_on_tiny_raises_the_gold_score_and_keeps_the_text_fluent(tmp_path):
     assert sum(r["chosen_ids"] != r["rejected_ids"] for r in rows) > 0.9 * len(rows)
     AutoModelForCausalLM.from_pretrained(str(out))  # where ppo_rlhf.py --model and pipeline() load it
     again = train_dpo.main(train_dpo.Config(**{**train_dpo.TINY_OVERRIDES, "device": "cpu", "epochs": 1, "pairs": 64,
-                                               "eval_prompts": 0, "preferences": str(out / "pairs.jsonl"),
+                                               "eval_prompts": 0, "preferences": str(out / "pairs.jsonl"), "loss": "unlikelihood",
                                                "reward_model": "", "output_dir": str(tmp_path / "again")}))  # fmt: skip
-    assert (again["pairs_train"], again["pairs_heldout"]) == (64, result["pairs_heldout"])
+    assert (again["pairs_train"], again["pairs_heldout"], again["loss"]) == (64, result["pairs_heldout"], "unlikelihood")
+
+
+@slow
+def test_held_out_prompt_texts_are_never_training_prompts_in_any_entry_point(world, tmp_path):
+    """The tiny world's prompts repeat (short prefixes of a small grammar), so a split by position
+    would put the same text on both sides. loading.is_held_out splits by the text itself, so for
+    every entry point no held-out prompt text is a training prompt text: ppo_rlhf.py's final
+    answers (load_queries, two seeds), step 2's and DPO's held-out pairs (pairs.make_pairs), and
+    across them, the frontier's case (DPO's held-out prompts against PPO's training prompts);
+    from a preference file that names no split, whole prompts are held out (train_dpo.py and
+    train_reward_model.py, pairs.split_by_prompt)."""
+    import pairs
+    import train_dpo
+    import train_reward_model
+
+    tokenizer = loading.load_tokenizer(world[0])
+    texts = lambda queries: {tokenizer.decode(q) for q in queries}  # noqa: E731
+    ppo_train = set()
+    for seed in (0, 1):
+        cfg = ppo_rlhf.tiny_config(dataset=world[2], seed=seed)
+        held, train = loading.load_queries(world[2], tokenizer, cfg, torch.Generator().manual_seed(seed))
+        assert len(held) == cfg.eval_prompts and len(train) >= 700, (len(held), len(train))
+        assert len(texts(held + train)) < 0.5 * len(held + train)  # texts do recur: a split by position would leak
+        assert not texts(held) & texts(train)
+        ppo_train |= texts(train)
+    reviews = loading.load_review_texts(world[2], "train", "text", 0)
+    queries = loading.build_queries(reviews, tokenizer, 2, 7, torch.Generator().manual_seed(0))
+    judge = lambda t: torch.tensor(tiny.judge(t))  # noqa: E731
+    for Config, overrides in ((train_reward_model.Config, train_reward_model.TINY_OVERRIDES),
+                              (train_dpo.Config, train_dpo.TINY_OVERRIDES)):  # fmt: skip
+        cfg = Config(**{**overrides, "pairs": 120, "heldout_pairs": 60, "device": "cpu"})
+        held, train = pairs.make_pairs(world[0], tokenizer, queries, judge, cfg, torch.device("cpu"))
+        assert (len(held), len(train)) == (60, 120)
+        held_texts = texts(p["prompt_ids"] for p in held)
+        assert not held_texts & texts(p["prompt_ids"] for p in train)
+        assert not held_texts & ppo_train  # the frontier measures PPO on DPO's held-out prompts
+    # a preference file with no split column: 5 prompts, 4 pairs each
+    rows = [dict(prompt=f"the {w} was", chosen=f"the {w} was good .", rejected=f"the {w} was bad .")
+            for w in ("movie", "plot", "story", "music", "cast") for _ in range(4)]  # fmt: skip
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held, train = train_dpo.preference_rows(str(path), "train", tokenizer, 100, seed=0)
+    assert held and len(held) + len(train) == 20 and not texts(r["prompt_ids"] for r in held) & texts(r["prompt_ids"] for r in train)
+    prompts, chosen, _ = loading.load_preference_pairs(str(path), "train")
+    held, train = pairs.split_by_prompt(prompts, 6, seed=0)
+    assert len(held) == 8 and sorted(held + train) == list(range(20))  # whole prompts: 2 of them
+    assert not {prompts[i] for i in held} & {prompts[i] for i in train}
+    del rows[0]["prompt"]  # without a prompt column, the text chosen and rejected share at their start
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert loading.load_preference_pairs(str(path), "train")[0][0] == "the movie was "
+
+
+def test_the_committed_frontier_has_six_methods_three_settings_three_seeds(tmp_path, capsys):
+    """docs/frontier.json, as `python frontier.py` wrote it: the DPO paper's five IMDb methods and
+    best-of-n, each at its 3 settings on seeds 0–2, every point finite; `--tables` prints one row
+    per setting and redraws the picture from it."""
+    import frontier
+
+    points = json.load(open(os.path.join(os.path.dirname(__file__), "docs", "frontier.json")))["points"]
+    assert set(frontier.SETTINGS) == {"PPO", "PPO-GT", "DPO", "Preferred-FT", "Unlikelihood", "best-of-n"}
+    for method, settings in frontier.SETTINGS.items():
+        for setting in settings:
+            seeds = sorted(p["seed"] for p in points if p["method"] == method and p["setting"] == setting)
+            assert seeds == [0, 1, 2], (method, setting, seeds)
+    assert all(math.isfinite(p[k]) for p in points for k in ("kl", "gold", "fluency"))
+    picture = tmp_path / "frontier.png"
+    frontier.main(["--tables", os.path.join(os.path.dirname(__file__), "docs", "frontier.json"), "--picture", str(picture)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 1 + 18 and picture.stat().st_size > 0  # header, reference, 6 × 3 settings
 
 
 @slow
@@ -1650,6 +1744,7 @@ def test_dpo_bad_input_is_one_line(tmp_path, capsys):
     for argv, needle in ([["--beta", "0"], "--beta must be positive"],
                          [["--responses-per-prompt", "1"], "--responses-per-prompt must be at least 2"],
                          [["--preferences", str(bad)], "has no column 'chosen'"],
+                         [["--loss", "sft"], "--loss sft: choose one of dpo, preferred-ft, unlikelihood"],
                          [["--model", "x"], "--tiny builds its own policy"]):  # fmt: skip
         code = train_dpo.cli(["--tiny", "--device", "cpu", "--output-dir", str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err.strip().splitlines()

@@ -2,7 +2,7 @@
 
     python train_dpo.py --device cuda      # the DPO paper's IMDb recipe on the tutorial's models (docs/dpo.md)
     python train_dpo.py --tiny             # offline: the tiny world, judged by its raters
-    python frontier.py                     # DPO beside PPO and best-of-n, on the same pairs (tiny world)
+    python frontier.py                     # DPO beside PPO, its baselines and best-of-n, on the same pairs (tiny world)
 
 The sibling of train_reward_model.py (step 2): the same command line module, the same loaders, the
 same pair maker (pairs.py), so that a reward model and DPO can learn from the very same pairs.
@@ -13,7 +13,8 @@ sentiment classifier, which also served as the true reward.
     1. pairs      K responses of the starting policy to each prompt, every pair judged    (pairs.make_pairs),
                   or a preference dataset (`--preferences`)
     2. reference  the starting policy's sequence log-probs of every pair, computed once  (dpo.sequence_logprobs)
-    3. train      the DPO loss over shuffled minibatches of pairs                         (dpo.dpo_loss)
+    3. train      the DPO loss over shuffled minibatches of pairs                         (dpo.dpo_loss),
+                  or with --loss one of the DPO paper's baselines: preferred-ft, unlikelihood
     4. evaluate   on held-out prompts: the judge's score of the reference's and the policy's
                   samples, KL(π ‖ π_ref) on the policy's samples, fluency (--tiny); held-out
                   pair accuracy of DPO's implicit reward, and of a step-2 reward model if given
@@ -40,12 +41,12 @@ import report
 import tiny
 from checkpoint import check_writable, save_model_folder
 from command_line import arg, parse_config
-from dpo import dpo_loss, implicit_rewards, sequence_logprobs
+from dpo import dpo_loss, implicit_rewards, preferred_ft_loss, sequence_logprobs, unlikelihood_loss
 from errors import ConfigError, RunError, check_pair_config
 from loading import build_queries, left_pad, load_policy_and_tokenizer, load_review_texts, load_score_fn, load_scorer
 from loading import fork_rng, load_table, offline_if_hub_unreachable, resolve_device, right_pad, seed_everything
 from logprobs import batched_forward_pass
-from pairs import make_pairs, sample_responses
+from pairs import make_pairs, sample_responses, split_by_prompt
 from reward_model import pair_accuracy
 
 
@@ -67,14 +68,17 @@ class Config:
     tiny: bool = arg(False, "offline: the policy, prompts and judge of tiny.py's world")
     # pairs, as ppo_rlhf.py's rollout samples
     pairs: int = arg(5000, "training pairs to sample and label (with --preferences: at most this many)")
-    heldout_pairs: int = arg(500, "pairs held out, on prompts set aside from the training pairs")
+    heldout_pairs: int = arg(500, "pairs held out, on prompts no training pair has")
     responses_per_prompt: int = arg(4, "K responses per prompt, all K·(K−1)/2 pairs judged; the DPO paper's 4")
     query_min_len: int = arg(2, "shortest query, in tokens")
     query_max_len: int = arg(7, "longest query, in tokens")
     response_min_len: int = arg(4, "shortest response to sample, in tokens")
     response_max_len: int = arg(15, "longest response to sample, in tokens")
     # training
+    loss: str = arg("dpo", "dpo; or one of the DPO paper's IMDb baselines on the same pairs: preferred-ft (fine-tune "
+                           "on the chosen answers) or unlikelihood (the chosen up, the rejected's tokens down); dpo.py")
     beta: float = arg(0.1, "β: the strength of DPO's implicit KL constraint (the DPO paper's default 0.1)")
+    unlikelihood_alpha: float = arg(1.0, "α: the weight of the unlikelihood term (--loss unlikelihood)")
     epochs: int = arg(1, "passes over the training pairs")
     batch_size: int = arg(32, "pairs per gradient step")
     lr: float = arg(1e-6, "Adam learning rate")
@@ -93,14 +97,19 @@ class Config:
 # --tiny: β 0.5 and lr 3e-4 were the best of 7 settings tried on seed 0 (docs/dpo.md says which).
 TINY_OVERRIDES = dict(tiny=True, judge="tiny:judge", pairs=3000, heldout_pairs=300, beta=0.5, lr=3e-4, eval_prompts=50,
                       min_review_chars=0, output_dir="runs/dpo-tiny")  # fmt: skip
-HELP_GROUPS = {"model": "what to learn from", "pairs": "pairs", "beta": "training", "eval_prompts": "run"}
+HELP_GROUPS = {"model": "what to learn from", "pairs": "pairs", "loss": "training", "eval_prompts": "run"}
+LOSSES = ("dpo", "preferred-ft", "unlikelihood")
 
 
 def check_config(cfg: Config) -> None:
     """Raise ConfigError, one line naming the fix, for a value no run can use."""
     check_pair_config(cfg, Config())
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"--loss {cfg.loss}: choose one of {', '.join(LOSSES)}")
     if cfg.beta <= 0:
         raise ConfigError(f"--beta must be positive, got {cfg.beta}")
+    if cfg.unlikelihood_alpha < 0:
+        raise ConfigError(f"--unlikelihood-alpha must not be negative, got {cfg.unlikelihood_alpha}")
     for name in ("eval_prompts", "lora_rank", "lora_alpha", "lora_dropout"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
@@ -111,8 +120,8 @@ def preference_rows(path: str, split: str, tokenizer, limit: int, seed: int) -> 
 
     A pairs.jsonl written by this script keeps its token ids and its held-out split. Otherwise
     `prompt`, `chosen`, `rejected` columns, or `chosen` and `rejected` alone (full texts, the
-    prompt being the longest token prefix the two share), are tokenized, and a tenth of the pairs
-    (at most 500) is held out.
+    prompt being the longest token prefix the two share), are tokenized, and whole prompts are held
+    out until a tenth of the pairs (at most 500) is (pairs.split_by_prompt).
     """
     data = load_table(path, split)
     columns = data.column_names
@@ -137,8 +146,12 @@ def preference_rows(path: str, split: str, tokenizer, limit: int, seed: int) -> 
         train = [r for r in rows if r["split"] != "heldout"]
     else:
         random.Random(seed).shuffle(rows)
-        n_held = max(1, min(500, len(rows) // 10))
-        held, train = rows[:n_held], rows[n_held:]
+        held, train = split_by_prompt([tokenizer.decode(r["prompt_ids"]) for r in rows], max(1, min(500, len(rows) // 10)),
+                                      seed)  # fmt: skip
+        if not held:
+            raise ConfigError(f"preference dataset {path}: its {len(rows)} pairs share one prompt; at least 2 prompts "
+                              "are needed, one to train on and one to hold out")  # fmt: skip
+        held, train = [rows[i] for i in held], [rows[i] for i in train]
     return held, train[:limit]
 
 
@@ -167,14 +180,37 @@ def pair_logprobs(model, pairs: list, tokenizer, device, batch_size: int) -> tor
     return torch.cat(out)  # (P, 2)
 
 
-def batch_logprobs(model, batch: list, tokenizer, device) -> tuple:
-    """(b,) log π(chosen | prompt) and (b,) log π(rejected | prompt), in one packed forward pass."""
+def batch_token_logprobs(model, batch: list, tokenizer, device) -> tuple:
+    """(2b, T) log π of each response token, chosen rows then rejected rows, and (2b, T) the
+    response mask, from one packed forward pass."""
     queries = [p["prompt_ids"] for p in batch] * 2  # chosen rows, then rejected rows
     responses = [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch]
     query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, device)  # (2b, Q)
     response_ids, response_mask = right_pad(responses, tokenizer.pad_token_id, device)  # (2b, T)
-    token_logprobs = batched_forward_pass(model, query_ids, query_mask, response_ids, response_mask).logprobs  # (2b, T)
+    return batched_forward_pass(model, query_ids, query_mask, response_ids, response_mask).logprobs, response_mask
+
+
+def batch_logprobs(model, batch: list, tokenizer, device) -> tuple:
+    """(b,) log π(chosen | prompt) and (b,) log π(rejected | prompt), in one packed forward pass."""
+    token_logprobs, response_mask = batch_token_logprobs(model, batch, tokenizer, device)  # (2b, T) each
     return sequence_logprobs(token_logprobs, response_mask).chunk(2)  # (b,), (b,)
+
+
+def pair_loss(model, batch: list, ref_logps, tokenizer, device, cfg) -> tuple:
+    """The loss `cfg.loss` of a minibatch of pairs, and the implicit rewards of both answers.
+
+    ref_logps: (b, 2) the reference's sequence log-probs of the chosen and rejected answers.
+    Returns: loss (scalar), chosen and rejected implicit rewards ((b,) each, detached).
+    """
+    token_logprobs, mask = batch_token_logprobs(model, batch, tokenizer, device)  # (2b, T) each
+    chosen, rejected = sequence_logprobs(token_logprobs, mask).chunk(2)  # (b,) each
+    loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
+    (lp_c, lp_r), (m_c, m_r) = token_logprobs.chunk(2), mask.chunk(2)  # (b, T) each
+    if cfg.loss == "preferred-ft":
+        loss = preferred_ft_loss(lp_c, m_c)
+    elif cfg.loss == "unlikelihood":
+        loss = unlikelihood_loss(lp_c, m_c, lp_r, m_r, cfg.unlikelihood_alpha)
+    return loss, r_chosen, r_rejected
 
 
 def evaluate(model, reference, tokenizer, queries, judge, cfg, device, seed: int, per_prompt: int = 4) -> dict:
@@ -246,13 +282,13 @@ def main(cfg: Config) -> dict:
         ref_held = pair_logprobs(reference, held, tokenizer, device, 64)  # (P_held, 2)
     before = evaluate(reference, reference, tokenizer, eval_queries, judge, cfg, device, cfg.seed) if eval_queries else {}
 
-    # 3. train: the DPO loss on shuffled minibatches of pairs
+    # 3. train: the DPO loss (or --loss's) on shuffled minibatches of pairs
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     train_policy = distributed.wrap(policy, device)  # [ddp] DistributedDataParallel for training
     order_rng = random.Random(cfg.seed + 1)
     steps = cfg.epochs * -(-len(train) // cfg.batch_size)
     policy.train()  # only --lora-dropout acts: the model's own dropout is 0 (value_head.py)
-    with tqdm(total=steps, desc="dpo", dynamic_ncols=True, disable=distributed.rank() > 0) as bar:
+    with tqdm(total=steps, desc=cfg.loss, dynamic_ncols=True, disable=distributed.rank() > 0) as bar:
         for _ in range(cfg.epochs):
             order = list(range(len(train)))
             order_rng.shuffle(order)
@@ -260,11 +296,11 @@ def main(cfg: Config) -> dict:
                 idx = distributed.my_share(order[i : i + cfg.batch_size])  # [ddp] every pair on one rank
                 if not idx:  # a last minibatch smaller than the number of ranks
                     continue
-                chosen, rejected = batch_logprobs(train_policy, [train[j] for j in idx], tokenizer, device)  # (b,) each
-                loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_train[idx, 0], ref_train[idx, 1], cfg.beta)
+                batch = [train[j] for j in idx]
+                loss, r_chosen, r_rejected = pair_loss(train_policy, batch, ref_train[idx], tokenizer, device, cfg)
                 with distributed.together():  # [ddp] on any rank, before backward
                     if not torch.isfinite(loss):
-                        raise RunError(f"non-finite DPO loss at step {bar.n + 1}; nothing was saved: lower --lr")
+                        raise RunError(f"non-finite {cfg.loss} loss at step {bar.n + 1}; nothing was saved: lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -275,10 +311,14 @@ def main(cfg: Config) -> dict:
     # 4. evaluate: samples on held-out prompts, and the implicit reward on held-out pairs
     with torch.no_grad():
         held_lp = pair_logprobs(policy, held, tokenizer, device, 64)  # (P_held, 2)
+        moved = pair_logprobs(policy, train, tokenizer, device, 64) - ref_train  # (P, 2) log π − log π_ref
     implicit = implicit_rewards(held_lp, ref_held, cfg.beta)  # (P_held, 2)
     after = evaluate(policy, reference, tokenizer, eval_queries, judge, cfg, device, cfg.seed) if eval_queries else {}
-    result = dict(pairs_train=len(train), pairs_heldout=len(held), beta=cfg.beta,
-                  implicit_reward_accuracy=pair_accuracy(implicit[:, 0], implicit[:, 1]).item())  # fmt: skip
+    result = dict(pairs_train=len(train), pairs_heldout=len(held), loss=cfg.loss, beta=cfg.beta,
+                  implicit_reward_accuracy=pair_accuracy(implicit[:, 0], implicit[:, 1]).item(),
+                  # how the training pairs' answers moved: DPO can widen a margin by lowering both
+                  train_logp_chosen_change=moved[:, 0].mean().item(), train_logp_rejected_change=moved[:, 1].mean().item(),
+                  train_both_fell=((moved[:, 0] < 0) & (moved[:, 1] < 0)).float().mean().item())  # fmt: skip
     if cfg.reward_model:
         score = load_score_fn(cfg.reward_model, "", 64, device, "reward model")
         with torch.no_grad():
@@ -318,6 +358,8 @@ def main(cfg: Config) -> dict:
         fluency = (f", fluent {result['fluency_reference']:.0%} → {result['fluency_policy']:.0%}" if cfg.tiny else "")
         print(f"held-out prompts ({len(eval_queries)}): gold {result['gold_reference']:.3f} → {result['gold_policy']:.3f}, "
               f"KL(π ‖ π_ref) {result['kl_policy']:.2f}{fluency}")  # fmt: skip
+    print(f"training pairs: mean change of log π from the reference, chosen {result['train_logp_chosen_change']:+.2f}, "
+          f"rejected {result['train_logp_rejected_change']:+.2f}; both fell in {result['train_both_fell']:.0%}")
     print(f"held-out pairs ({len(held)}): implicit-reward accuracy {result['implicit_reward_accuracy']:.3f}"
           + (f", reward model {result['reward_model_accuracy']:.3f}" if "reward_model_accuracy" in result else "")
           + f"\nsaved to {cfg.output_dir}: the policy, pairs.jsonl, eval.json")  # fmt: skip

@@ -44,7 +44,7 @@ from command_line import arg, parse_config
 from errors import ConfigError, check_pair_config, load_errors_as_config_error
 from loading import build_queries, load_preference_pairs, load_review_texts
 from loading import load_scorer, load_tokenizer, offline_if_hub_unreachable, resolve_device, seed_everything
-from pairs import make_pairs
+from pairs import make_pairs, split_by_prompt
 from reward_model import bradley_terry_loss, centering_loss, last_token_rewards, normalize_head, pair_accuracy
 from value_head import dropout_off
 
@@ -68,7 +68,7 @@ class Config:
     pairs: int = arg(5000, "training pairs to sample and label (with --preferences: at most this many)")
     responses_per_prompt: int = arg(2, "K responses sampled per prompt, all K·(K−1)/2 pairs judged (pairs.py); "
                                        "the DPO paper's 4 gives 6 pairs a prompt")
-    heldout_pairs: int = arg(500, "pairs held out for the accuracies in eval.json, on prompts set aside from training")
+    heldout_pairs: int = arg(500, "pairs held out for the accuracies in eval.json, on prompts no training pair has")
     query_min_len: int = arg(2, "shortest query, in tokens")
     query_max_len: int = arg(7, "longest query, in tokens")
     response_min_len: int = arg(4, "shortest response to sample, in tokens")
@@ -145,13 +145,18 @@ def main(cfg: Config) -> dict:
 
     # 1. pairs: a preference dataset's, or K responses of the starting policy to each prompt
     if cfg.preferences:
-        chosen, rejected = load_preference_pairs(cfg.preferences, cfg.preferences_split)
+        prompts, chosen, rejected = load_preference_pairs(cfg.preferences, cfg.preferences_split)
         if len(chosen) < 2:
             raise ConfigError(f"preference dataset {cfg.preferences} holds {len(chosen)} pair: at least 2 are "
                               "needed, one to train on and one to hold out")  # fmt: skip
         order = random.Random(cfg.seed).sample(range(len(chosen)), min(n, len(chosen)))
+        held, train = split_by_prompt([prompts[i] for i in order], max(1, min(cfg.heldout_pairs, len(order) // 2)), cfg.seed)
+        if not held:
+            raise ConfigError(f"preference dataset {cfg.preferences}: its {len(order)} pair(s) share one prompt; at "
+                              "least 2 prompts are needed, one to train on and one to hold out")  # fmt: skip
+        order = [order[i] for i in held + train]  # whole prompts held out, first
         chosen, rejected = [chosen[i] for i in order], [rejected[i] for i in order]
-        n_held = min(cfg.heldout_pairs, len(chosen) // 2)
+        n_held = len(held)
         g_chosen = g_rejected = None
     else:
         reviews = load_review_texts(dataset, cfg.dataset_split, cfg.text_column, cfg.min_review_chars)
