@@ -204,12 +204,15 @@ def pair_loss(model, batch: list, ref_logps, tokenizer, device, cfg) -> tuple:
     """
     token_logprobs, mask = batch_token_logprobs(model, batch, tokenizer, device)  # (2b, T) each
     chosen, rejected = sequence_logprobs(token_logprobs, mask).chunk(2)  # (b,) each
-    loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
+    if cfg.loss == "dpo":
+        return dpo_loss(chosen, rejected, ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
     (lp_c, lp_r), (m_c, m_r) = token_logprobs.chunk(2), mask.chunk(2)  # (b, T) each
     if cfg.loss == "preferred-ft":
         loss = preferred_ft_loss(lp_c, m_c)
-    elif cfg.loss == "unlikelihood":
+    else:
         loss = unlikelihood_loss(lp_c, m_c, lp_r, m_r, cfg.unlikelihood_alpha)
+    with torch.no_grad():  # the baselines' implicit rewards too, for the progress bar's accuracy
+        r_chosen, r_rejected = (implicit_rewards(x, ref, cfg.beta) for x, ref in zip((chosen, rejected), ref_logps.T))
     return loss, r_chosen, r_rejected
 
 
