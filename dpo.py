@@ -51,6 +51,8 @@ References:
   [4] Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training", §4.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -119,7 +121,7 @@ def preferred_ft_loss(chosen_token_logprobs: torch.Tensor, chosen_mask: torch.Te
 def log1mexp(logp: torch.Tensor) -> torch.Tensor:
     """log(1 − p) from log p ≤ 0, accurate at both ends (p near 0 and p near 1)."""
     logp = logp.clamp(max=-1e-7)  # p = 1 exactly would give log 0
-    return torch.where(logp > -0.6931, torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+    return torch.where(logp > -math.log(2), torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
 
 
 def unlikelihood_loss(chosen_token_logprobs, chosen_mask, rejected_token_logprobs, rejected_mask, alpha: float):

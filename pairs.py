@@ -31,12 +31,14 @@ def prompts_for(n_pairs: int, k: int) -> int:
     return math.ceil(n_pairs / pairs_per_prompt(k))
 
 
-def split_by_prompt(prompts, n_held: int, seed: int) -> tuple:
+def split_by_prompt(prompts, n_held: int, seed: int, source: str = "") -> tuple:
     """Indices (held-out, training) of the pairs whose prompt texts are `prompts`, for a preference
-    dataset that names no split: whole prompts are held out, in an order `seed` draws, until at
-    least `n_held` pairs are, and at least one prompt is left to train on. No prompt text is on
-    both sides; with a single prompt nothing can be held out (the held-out list is empty).
+    dataset (`source`, named in the error) that names no split: whole prompts are held out, in an
+    order `seed` draws, until at least `n_held` pairs are, and at least one prompt is left to train
+    on. No prompt text is on both sides; a dataset of a single prompt is a ConfigError.
     """
+    from errors import ConfigError
+
     groups = {}
     for i, p in enumerate(prompts):
         groups.setdefault(" ".join(p.split()), []).append(i)
@@ -47,6 +49,9 @@ def split_by_prompt(prompts, n_held: int, seed: int) -> tuple:
         if len(held) >= n_held:
             break
         held += group
+    if not held:
+        raise ConfigError(f"preference dataset {source}: its {len(prompts)} pair(s) share one prompt; at least 2 "
+                          "prompts are needed, one to train on and one to hold out")  # fmt: skip
     kept = set(held)
     return held, [i for i in range(len(prompts)) if i not in kept]
 

@@ -146,11 +146,8 @@ def preference_rows(path: str, split: str, tokenizer, limit: int, seed: int) -> 
         train = [r for r in rows if r["split"] != "heldout"]
     else:
         random.Random(seed).shuffle(rows)
-        held, train = split_by_prompt([tokenizer.decode(r["prompt_ids"]) for r in rows], max(1, min(500, len(rows) // 10)),
-                                      seed)  # fmt: skip
-        if not held:
-            raise ConfigError(f"preference dataset {path}: its {len(rows)} pairs share one prompt; at least 2 prompts "
-                              "are needed, one to train on and one to hold out")  # fmt: skip
+        prompts = [tokenizer.decode(r["prompt_ids"]) for r in rows]
+        held, train = split_by_prompt(prompts, max(1, min(500, len(rows) // 10)), seed, path)
         held, train = [rows[i] for i in held], [rows[i] for i in train]
     return held, train[:limit]
 

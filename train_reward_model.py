@@ -150,10 +150,8 @@ def main(cfg: Config) -> dict:
             raise ConfigError(f"preference dataset {cfg.preferences} holds {len(chosen)} pair: at least 2 are "
                               "needed, one to train on and one to hold out")  # fmt: skip
         order = random.Random(cfg.seed).sample(range(len(chosen)), min(n, len(chosen)))
-        held, train = split_by_prompt([prompts[i] for i in order], max(1, min(cfg.heldout_pairs, len(order) // 2)), cfg.seed)
-        if not held:
-            raise ConfigError(f"preference dataset {cfg.preferences}: its {len(order)} pair(s) share one prompt; at "
-                              "least 2 prompts are needed, one to train on and one to hold out")  # fmt: skip
+        held, train = split_by_prompt([prompts[i] for i in order], max(1, min(cfg.heldout_pairs, len(order) // 2)),
+                                      cfg.seed, cfg.preferences)  # fmt: skip
         order = [order[i] for i in held + train]  # whole prompts held out, first
         chosen, rejected = [chosen[i] for i in order], [rejected[i] for i in order]
         n_held = len(held)
