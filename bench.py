@@ -156,7 +156,8 @@ def memory_table(gpus=(1, 2, 8), gpu_gb: float = 80.0) -> str:
     import distributed
 
     rows = ["| model | parameters | GPUs | mode | weights | gradients | Adam | reference | training state | "
-            f"+ gathered for the rollout | fits {gpu_gb:.0f} GB? |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+            f"+ gathered for the rollout | + bf16 copies while sampling | fits {gpu_gb:.0f} GB? |",
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
     for name, (kind, sizes) in PLANNED_MODELS.items():
         config = transformers.AutoConfig.for_model(kind, **sizes)
@@ -165,13 +166,14 @@ def memory_table(gpus=(1, 2, 8), gpu_gb: float = 80.0) -> str:
         n = sum(p.numel() for p in {id(p): p for p in policy.parameters()}.values())
         for world in gpus:
             for fsdp in (False, True) if world > 1 else (False,):
-                plan = distributed.memory_plan(policy, world, fsdp)
+                plan = distributed.memory_plan(policy, world, fsdp, "bf16")
                 state = plan["parameters"] + plan["gradients"] + plan["adam"] + plan["reference"]
-                peak = state + plan["rollout_gathered"]
+                peak = state + plan["rollout_gathered"] + plan["rollout_bf16"]
                 fits = "yes" if peak <= gpu_gb * 1e9 else "no"
                 rows.append(f"| {name} | {n / 1e9:.2f} B | {world} | {'FSDP' if fsdp else ('DDP' if world > 1 else '—')} | "
                             f"{gb(plan['parameters'])} | {gb(plan['gradients'])} | {gb(plan['adam'])} | "
-                            f"{gb(plan['reference'])} | {gb(state)} | {gb(plan['rollout_gathered'])} | {fits} |")  # fmt: skip
+                            f"{gb(plan['reference'])} | {gb(state)} | {gb(plan['rollout_gathered'])} | "
+                            f"{gb(plan['rollout_bf16'])} | {fits} |")  # fmt: skip
     return "\n".join(rows)
 
 

@@ -26,11 +26,14 @@ is discarded); a save cut short after it, in the middle of the moves, is finishe
 `--resume` also checks every file against the hashes in trainer_state.json and refuses any
 other mix in one line.
 
-Sharded runs (--fsdp) save the same folder: the shards are gathered to rank 0 first
-(distributed.full_state), and Adam's state is kept by parameter name, full, so that each rank
-takes its rows again on resume. `--resume auto` continues the output folder's run when it holds
-a checkpoint and starts it when not, so one command line serves the first start and every
-restart (`torchrun --max-restarts N`, docs/torchrun.md).
+Under torchrun rank 0 alone reads and writes the folder. A save gathers the shards (--fsdp) to
+rank 0 first (distributed.full_state); Adam's state is kept by parameter name, full, in both
+modes. A resume is decided by rank 0 and read by rank 0 alone, its files hashed once; the
+weights, Adam's state (each rank keeps its rows) and the random states are sent to the other
+ranks. So the folder need not be on a disk the other nodes see (docs/torchrun.md, "Several
+nodes"). `--resume auto` continues the output folder's run when it holds a checkpoint and
+starts it when not, so one command line serves the first start and every restart
+(`torchrun --max-restarts N`).
 """
 
 import dataclasses
@@ -40,6 +43,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import threading
 
 import numpy as np
@@ -52,19 +56,23 @@ from value_head import CausalLMWithValueHead
 
 TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "trainer_state.json"
-FORMAT = 2  # 1: trainer_state.pt alone, with python objects inside (read only through pickle)
+FORMAT = 3  # 1: trainer_state.pt alone, with python objects (pickle); 2: Adam by index unless sharded
 SCRATCH = ".saving"
 
 
 def check_writable(output_dir: str) -> None:
-    """Fail before any work, not after an hour of training, if `output_dir` can't be written."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")  # one per process under torchrun
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--output-dir {output_dir} can't be written ({e.strerror}): choose another folder") from None
+    """Fail before any work, not after an hour of training, if `output_dir` can't be written.
+    Rank 0 alone writes there, so rank 0 alone checks (every rank stops with its line)."""
+    with distributed.together():
+        if distributed.rank() == 0:
+            try:
+                os.makedirs(output_dir, exist_ok=True)
+                probe = os.path.join(output_dir, f".write-test-{socket.gethostname()}-{os.getpid()}")  # unique
+                open(probe, "w").close()  # even to two containers on one disk, whose pids may be the same
+                os.remove(probe)
+            except OSError as e:
+                raise ConfigError(f"--output-dir {output_dir} can't be written ({e.strerror}): choose another "
+                                  "folder") from None  # fmt: skip
 
 
 def read_log(path: str) -> list:
@@ -159,20 +167,21 @@ def _move_in(scratch: str, directory: str) -> None:
     shutil.rmtree(scratch)
 
 
-def finish_interrupted_save(directory: str) -> None:
+def finish_interrupted_save(directory: str) -> bool:
     """Before resuming: finish a save that was cut short after its commit point (the moves), or
-    discard one cut short before it (DIR's checkpoint is then whole). Rank 0 only; the other
-    ranks wait for it (distributed.rank_zero_first)."""
+    discard one cut short before it (DIR's checkpoint is then whole). Rank 0 only. Returns
+    whether it finished one."""
     scratch = os.path.join(directory, SCRATCH)
-    if distributed.rank() != 0 or not os.path.isdir(scratch):
-        return
-    if os.path.isfile(os.path.join(scratch, MANIFEST)):
-        with open(os.path.join(scratch, MANIFEST)) as f:
-            step = json.load(f).get("step")
-        _move_in(scratch, directory)
-        print(f"finished the save of step {step}, which was cut short while its files were moved into {directory}")
-    else:
+    if not os.path.isdir(scratch):
+        return False
+    if not os.path.isfile(os.path.join(scratch, MANIFEST)):
         shutil.rmtree(scratch)
+        return False
+    with open(os.path.join(scratch, MANIFEST)) as f:
+        step = json.load(f).get("step")
+    _move_in(scratch, directory)
+    print(f"finished the save of step {step}, which was cut short while its files were moved into {directory}")
+    return True
 
 
 def save_model_folder(directory: str, write) -> None:
@@ -227,13 +236,16 @@ def check_complete(directory: str, manifest: dict) -> None:
         raise ConfigError(f"--resume {directory}: a partial or mixed checkpoint: {name} {problem}; {fix}")
 
 
-def load_trainer_state(directory: str) -> dict:
-    """The checkpoint's manifest and tensors in one dict, after checking that they belong together."""
+def load_trainer_state(directory: str, check_files: bool = True) -> dict:
+    """The checkpoint's manifest and tensors in one dict, after checking (`check_files`) that they
+    belong together. The tensors are memory-mapped, not read: a resume reads Adam's state once,
+    as it is sent to the ranks."""
     manifest = read_manifest(directory)
-    check_complete(directory, manifest)
+    if check_files:
+        check_complete(directory, manifest)
     path = os.path.join(directory, TRAINER_STATE)
     try:  # weights_only: tensors and plain containers, never code
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         ok = isinstance(state, dict) and isinstance(state.get("optimizer"), dict) and \
             all(isinstance(state.get(k), torch.Tensor) for k in ("prompt_rng", "order")) and \
             isinstance(state.get("torch_rng"), list) and len(state["torch_rng"]) == len(manifest["rng"])  # fmt: skip
@@ -254,62 +266,82 @@ def resume_config(cfg):
     """The saved run's config, for `--resume DIR`; says which other flags it ignores.
 
     `--resume auto`: DIR is `--output-dir`, when it holds a checkpoint; without one the run
-    starts (the config returned has `resume` empty). The whole checkpoint is checked here,
-    before anything is loaded, so a bad one costs no time; a save cut short in its moves is
-    checked after `finish_interrupted_save` has finished it, in `restore_weights`.
+    starts (the config returned has `resume` empty). Under torchrun rank 0 alone looks, and
+    every rank gets its answer: were each rank to look on its own disk, on two nodes without a
+    shared folder one would resume and the other start afresh, and the two would wait for each
+    other in different collectives until the timeout.
+
+    The whole checkpoint is checked here (every file against its hash, once), before anything
+    is loaded, so a bad one costs no time; a save cut short in its moves is checked after
+    `finish_interrupted_save` has finished it, in `restore_weights`.
     """
+    return distributed.from_rank_zero(lambda: _resume_config(cfg))  # [ddp]
+
+
+def _resume_config(cfg):
     if cfg.resume == "auto":
         if not has_checkpoint(cfg.output_dir):
             return dataclasses.replace(cfg, resume="")
         cfg = dataclasses.replace(cfg, resume=cfg.output_dir)
     interrupted = os.path.isfile(os.path.join(cfg.resume, SCRATCH, MANIFEST))
-    saved = read_manifest(os.path.join(cfg.resume, SCRATCH) if interrupted else cfg.resume)["config"]
-    if not interrupted:
-        load_trainer_state(cfg.resume)
+    # every file against its hash, and trainer_state.pt opened (memory-mapped: Adam's state is not read yet)
+    manifest = read_manifest(os.path.join(cfg.resume, SCRATCH)) if interrupted else load_trainer_state(cfg.resume)
+    saved = manifest["config"]
     defaults = type(cfg)()
     given = {k for k, v in dataclasses.asdict(cfg).items() if v != getattr(defaults, k)}
     if "fsdp" in given | set(saved) and cfg.fsdp != saved.get("fsdp", False):
         how = "with --fsdp" if saved.get("fsdp") else "without --fsdp"
-        raise ConfigError(f"--resume {cfg.resume}: the run was saved {how}; resume it {how} (its optimizer state is "
-                          "kept as that mode keeps it)")  # fmt: skip
-    ignored = sorted(k for k in given - {"resume", "device", "output_dir"} if getattr(cfg, k) != saved.get(k))
+        raise ConfigError(f"--resume {cfg.resume}: the run was saved {how}; resume it {how}")
+    if manifest["world_size"] != distributed.world_size():
+        raise ConfigError(f"--resume {cfg.resume}: the run was saved by {manifest['world_size']} process(es), this "
+                          f"is {distributed.world_size()}: resume with the same number (torchrun --nproc_per_node)")
+    kept = {"resume", "device", "output_dir", "dist_timeout"}  # where and how this process runs, not the run
+    ignored = sorted(k for k in given - kept if getattr(cfg, k) != saved.get(k))
     if ignored:
         print(f"--resume continues with the run's saved config; ignoring: {', '.join(ignored)}")
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
     if unknown:
         raise ConfigError(f"--resume {cfg.resume}: saved by another version of this code (settings {unknown} are "
                           "unknown here): resume with that version, or start a new run")  # fmt: skip
-    device = {"device": cfg.device} if "device" in given else {}  # the run may move: cuda → cpu, or back
-    return type(cfg)(**{**saved, **device, "resume": cfg.resume, "output_dir": cfg.resume})
+    here = {k: getattr(cfg, k) for k in kept - {"output_dir", "resume"} if k in given}  # the run may move: cuda → cpu
+    return type(cfg)(**{**saved, **here, "resume": cfg.resume, "output_dir": cfg.resume})
 
 
 def restore_weights(directory: str, policy) -> None:
     """Load a checkpoint's trained weights into the policy: everything but the optimizer and the
     random states (`restore_state`). Called after the reference is made from the starting
-    policy and before the policy is sharded (--fsdp), so the weights load as plain tensors."""
+    policy and before the policy is sharded (--fsdp), so the weights load as plain tensors.
+    Rank 0 reads them and sends them to the other ranks (distributed.send_weights)."""
     from transformers import AutoModelForCausalLM
 
-    with distributed.rank_zero_first():  # [ddp] rank 0 finishes a save cut short before anyone reads
-        finish_interrupted_save(directory)
-    state = load_trainer_state(directory)
-    if state["world_size"] != distributed.world_size():
-        raise ConfigError(f"--resume {directory}: the run was saved by {state['world_size']} process(es), this "
-                          f"is {distributed.world_size()}: resume with the same number (torchrun --nproc_per_node)")
-    try:  # safetensors, and value_head.pt through weights_only: no code runs either way
-        if lora.is_lora(policy):  # the adapter and the value head; the frozen weights are --model's
-            lora.load_trainable(policy, directory)
-        else:
-            policy.load_state_dict(CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM).state_dict())
-    except Exception as e:
-        why = f"{type(e).__name__}: {first_line(e, 100)}"
-        raise ConfigError(f"{directory}: the saved policy can't be loaded ({why})") from None
+    with distributed.together():  # [ddp] rank 0 alone reads the folder
+        if distributed.rank() == 0:
+            if finish_interrupted_save(directory):  # not checked yet (resume_config)
+                check_complete(directory, read_manifest(directory))
+            try:  # safetensors, and value_head.pt through weights_only: no code runs either way
+                if lora.is_lora(policy):  # the adapter and the value head; the frozen weights are --model's
+                    lora.load_trainable(policy, directory)
+                else:
+                    saved = CausalLMWithValueHead.from_pretrained(directory, AutoModelForCausalLM)
+                    policy.load_state_dict(saved.state_dict())
+            except Exception as e:
+                why = f"{type(e).__name__}: {first_line(e, 100)}"
+                raise ConfigError(f"{directory}: the saved policy can't be loaded ({why})") from None
+    distributed.send_weights(policy)  # [ddp]
 
 
 def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
     """Load a checkpoint's optimizer, β and random states (its weights: `restore_weights`);
-    return (step, data order)."""
-    state = load_trainer_state(directory)
-    distributed.load_optimizer_state(policy, optimizer, state["optimizer"])  # [fsdp] each rank takes its rows
+    return (step, data order). Rank 0 reads trainer_state.pt (its files were hashed already) and
+    sends each rank what it needs: its rows of Adam's state, and the small state of the run."""
+    read = {}  # rank 0: all of it; Adam's state is not pickled to the others but sent tensor by tensor
+
+    def small_parts():
+        read.update(load_trainer_state(directory, check_files=False))
+        return {k: v for k, v in read.items() if k != "optimizer"}
+
+    state = distributed.from_rank_zero(small_parts)  # [ddp]
+    distributed.load_optimizer_state(policy, optimizer, read.get("optimizer", {}))  # [ddp] each rank its rows
     kl_ctl.value = state["kl_coef"]
     device = next(policy.parameters()).device
     _set_random_states(state["rng"][distributed.rank()], state["torch_rng"][distributed.rank()], device)

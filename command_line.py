@@ -12,6 +12,15 @@ def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def fields_in_order(config_class) -> list:
+    """The dataclass's fields, its own first and then each base class's: ppo_rlhf.Config's own
+    settings before the run settings it inherits (config.py). `dataclasses.fields` lists the
+    bases' first."""
+    by_name = {f.name: f for f in dataclasses.fields(config_class)}
+    names = [n for cls in config_class.__mro__ for n in vars(cls).get("__annotations__", {}) if n in by_name]
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
 def parse_config(config_class, argv, description: str, groups: dict, tiny_overrides: dict):
     """The config the command line asks for: the class's defaults, then, with --tiny,
     `tiny_overrides`, then the flags given (a flag given always wins over --tiny).
@@ -27,7 +36,7 @@ def parse_config(config_class, argv, description: str, groups: dict, tiny_overri
     parser = argparse.ArgumentParser(description=description)
     group = parser
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for f in dataclasses.fields(config_class):
+    for f in fields_in_order(config_class):
         if f.name in groups:
             group = parser.add_argument_group(groups[f.name])
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)

@@ -33,9 +33,13 @@ ones; `_device()` picks, so a CPU float never reaches NCCL.
 """
 
 import contextlib
+import datetime
 import math
 import os
+import socket
 import sys
+import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -51,38 +55,92 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def setup(device_name: str) -> str:
-    """Start the process group when run under torchrun; return the device this rank should use.
+DIST_TIMEOUT = 30.0  # minutes: how long a collective waits for a slow rank (NCCL's own default is 10)
 
-    NCCL and one GPU per process (`cuda:LOCAL_RANK`) when `device_name` asks for CUDA or is
-    `auto` on a GPU machine; gloo on the CPU otherwise. Ranks other than 0 print nothing.
+
+def setup(device_name: str, timeout_minutes: float = DIST_TIMEOUT) -> None:
+    """Start the process group when run under torchrun (a no-op otherwise).
+
+    NCCL when `device_name` asks for CUDA, or is `auto` on a GPU machine; gloo on the CPU.
+    `timeout_minutes` is how long any collective may wait for the slowest rank before the group
+    is aborted. The other ranks wait that long while rank 0 works alone (a save, a LoRA merge,
+    making step 2's pairs): NCCL's 10-minute default is shorter than the save of an 8B model on
+    network storage (docs/torchrun.md). Ranks other than 0 print nothing.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return device_name
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        return
+    use_cuda = _uses_cuda(device_name)
     if use_cuda:
         gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if per_node > gpus:
             raise ConfigError(f"{per_node} processes per node but this machine has {gpus} CUDA GPU(s): one process "
                               f"per GPU, so torchrun --nproc_per_node {gpus} (or --device cpu)")  # fmt: skip
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device_name = f"cuda:{local}"
-    elif device_name in ("auto", "cpu"):
-        device_name = "cpu"
-    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    elif device_name not in ("auto", "cpu"):
         raise ConfigError(f"--device {device_name} under torchrun: processes run on cuda (NCCL) or cpu (gloo)")
     if not dist.is_initialized():
-        # The store torchrun gives its workers can outlive a restart (--max-restarts): the keys
-        # each attempt's processes exchange their addresses under are made the attempt's own, or
-        # the processes of a restart could read those of the dead ones and wait or fail.
-        store, rank_, world_ = next(dist.rendezvous("env://"))
-        attempt = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if use_cuda else "gloo", store=attempt, rank=rank_, world_size=world_)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store, rank_, world_ = next(dist.rendezvous("env://", timeout=timeout))
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=attempt_store(store, rank_, world_, timeout),
+                                rank=rank_, world_size=world_, timeout=timeout)  # fmt: skip
     if rank() != 0:
         sys.stdout = open(os.devnull, "w")
-    return device_name
+
+
+def _uses_cuda(device_name: str) -> bool:
+    return device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+
+
+def rank_device(device_name: str) -> str:
+    """The device this process should use for `--device device_name`: under torchrun one GPU per
+    process (`cuda:LOCAL_RANK`) or the CPU; else the name as given. One ConfigError line when the
+    process group was started for another kind (a --resume whose saved --device differs)."""
+    if not dist.is_initialized():
+        return device_name
+    if _uses_cuda(device_name) != (dist.get_backend() == "nccl"):
+        started = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        raise ConfigError(f"--device {device_name}: this run's processes were started on {started}; give --device "
+                          f"{started} (or the device you want) with --resume")  # fmt: skip
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if _uses_cuda(device_name) else "cpu"
+
+
+def attempt_store(store, rank_: int, world: int, timeout: datetime.timedelta):
+    """A part of torchrun's store that this attempt's processes alone use, named by rank 0.
+
+    torchrun's store outlives a restart (--max-restarts): the processes of a new attempt would
+    otherwise read the addresses the dead ones left under the same keys, and wait or fail in
+    `init_process_group`. Nor can a process count attempts for itself: the agent of a node whose
+    worker died counts a restart (TORCHELASTIC_RESTART_COUNT), the agent of a healthy node that
+    is only asked to rejoin does not, so the two nodes would count differently.
+
+    So rank 0 makes up a fresh name, and each other rank asks for it under a name of its own
+    making: rank r writes a random nonce under `hello/r`; rank 0 answers every nonce it finds
+    there with the attempt's name under `ack/<nonce>`, until each rank has said, under that
+    name, that it joined. A nonce left by a dead attempt is answered too, and never read.
+    """
+    if rank_ == 0:
+        name, answered, joined = f"attempt/{uuid.uuid4().hex}", {}, set()
+        deadline = time.monotonic() + timeout.total_seconds()
+        while len(joined) < world - 1:
+            for r in range(1, world):
+                if r not in joined and store.check([f"hello/{r}"]):
+                    nonce = store.get(f"hello/{r}").decode()
+                    if answered.get(r) != nonce:
+                        store.set(f"ack/{nonce}", name)
+                        answered[r] = nonce
+                    if store.check([f"{name}/joined/{r}"]):
+                        joined.add(r)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(set(range(1, world)) - joined)} did not join within {timeout}")
+            time.sleep(0.01)
+    else:
+        nonce = uuid.uuid4().hex
+        store.set(f"hello/{rank_}", nonce)
+        store.wait([f"ack/{nonce}"], timeout)
+        name = store.get(f"ack/{nonce}").decode()
+        store.set(f"{name}/joined/{rank_}", "1")
+    return dist.PrefixStore(name, store)
 
 
 def check_world(sizes: dict, fsdp: bool, group: int = 1) -> None:
@@ -168,12 +226,22 @@ def global_mean_var(x: torch.Tensor, mask: torch.Tensor):
 
 
 @contextlib.contextmanager
-def rank_zero_first():
-    """Rank 0 runs the block first (say, builds the --tiny world), the other ranks after it."""
-    if dist.is_initialized() and rank() != 0:
+def once_per_node():
+    """A block run by rank 0 first, then by the first process of each other node, then by the rest.
+
+    For what a block builds on disk, such as the --tiny world: rank 0 builds it, and on a node
+    that shares rank 0's disk the others find it built. A node with a disk of its own builds its
+    own copy, with one process (LOCAL_RANK 0), which its other processes then read. Every rank
+    passes two barriers, so every rank must enter the block.
+    """
+    if not dist.is_initialized():
+        yield
+        return
+    turn = 0 if rank() == 0 else 1 if os.environ.get("LOCAL_RANK", "0") == "0" else 2
+    for _ in range(turn):
         dist.barrier()
     yield
-    if dist.is_initialized() and rank() == 0:
+    for _ in range(2 - turn):
         dist.barrier()
 
 
@@ -202,6 +270,17 @@ def my_share(items: list) -> list:
     """This rank's share of a minibatch: every world-th item, from its rank on. [] when the
     minibatch has fewer items than ranks (the caller skips it on every rank alike)."""
     return items[rank() :: world_size()] if len(items) >= world_size() else []
+
+
+def share_weight(mine: int, total: int) -> float:
+    """The factor for a loss averaged over this rank's `mine` items of a minibatch of `total`.
+
+    DDP and FSDP average the ranks' gradients, each rank's loss being a mean over its own items.
+    When a minibatch does not split evenly (10 pairs on 8 ranks: two ranks take 2, six take 1),
+    that weighs the items of a rank with fewer more. Scaled by mine · world / total, the average
+    over the ranks is the mean over the minibatch's items, as on one process. 1.0 without torchrun.
+    """
+    return mine * world_size() / total
 
 
 def gather(obj) -> list:
@@ -288,25 +367,32 @@ def transformer_blocks(model) -> list:
     return [m for _, m in outer]
 
 
-def shard(model, trains: bool) -> None:
+def shard(model, trains: bool, device: torch.device) -> None:
     """[fsdp] Shard `model` in place with FSDP2: `fully_shard` on each transformer block, then on
     the whole (the embeddings, final norm, LM head and value head form the root unit).
 
     The parameters become DTensors holding this rank's rows (1/N of each tensor's first
-    dimension); a unit's full weights exist only while it runs. `trains`: the policy keeps its
-    root gathered from forward to backward (FSDP's own default for a root); the reference, which
-    never runs backward, frees its root after each forward. `generate` is declared a forward
-    method, so the root's weights are gathered around it (the blocks: `gathered`).
+    dimension), moved to `device`; a unit's full weights exist only while it runs. `trains`: the
+    policy keeps its root gathered from forward to backward (FSDP's own default for a root); the
+    reference, which never runs backward, frees its root after each forward. `generate` is
+    declared a forward method, so the root's weights are gathered around it (the blocks:
+    `gathered`).
+
+    The mesh is given, of the run's device type: without one, `fully_shard` builds it for the
+    machine's accelerator (`torch._C._get_accelerator()` in torch's `_init_default_mesh`), a
+    CUDA mesh on a GPU machine even when the processes run on the CPU over gloo (--device cpu).
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     blocks = transformer_blocks(model)
     if not blocks:
         raise ConfigError(f"--fsdp: {type(model).__name__} names no transformer block class (_no_split_modules), "
                           "so its units can't be found: run without --fsdp")  # fmt: skip
+    mesh = init_device_mesh(device.type, (world_size(),))
     for block in blocks:
-        fully_shard(block, reshard_after_forward=True)
-    fully_shard(model, reshard_after_forward=not trains)
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=not trains)
     if hasattr(model, "generate"):
         register_fsdp_forward_method(model, "generate")
 
@@ -349,12 +435,14 @@ def full_weights(model):
 
 
 def full_state(model, optimizer):
-    """(weights, optimizer state) for a checkpoint. Sharded: every rank sends its shards and rank
-    0 receives the full tensors, on the CPU (`get_model_state_dict` with `full_state_dict=True,
-    cpu_offload=True`; the other ranks get empty dicts), keyed by parameter name; a collective.
-    Otherwise: (None: the caller saves the model as it is, the optimizer's own state_dict())."""
-    if not is_sharded(model):
-        return None, optimizer.state_dict()
+    """(weights, optimizer state) for a checkpoint, both on the CPU and keyed by parameter name.
+
+    Sharded: every rank sends its shards and rank 0 receives the full tensors
+    (`get_model_state_dict` and `get_optimizer_state_dict` with `full_state_dict=True,
+    cpu_offload=True`; the other ranks get empty dicts); a collective. Otherwise: (None: the
+    caller saves the model as it is, Adam's state by name). By name in both modes, so that
+    `load_optimizer_state` reads either the same way.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -362,13 +450,28 @@ def full_state(model, optimizer):
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
-    """Restore what `full_state` saved: into the shards (each rank takes its rows), or as a whole."""
-    if not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
+    """Restore what `full_state` saved. Under torchrun only rank 0 holds `state` (the others pass
+    {}): it is sent to every rank, tensor by tensor, and each keeps its rows (sharded) or all of
+    it (DDP), so no other rank reads the checkpoint (`set_optimizer_state_dict` with
+    `broadcast_from_rank0=True`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def send_weights(model) -> None:
+    """[ddp] Rank 0's weights (parameters and buffers) copied into every rank's `model`, in
+    place, one tensor at a time: a resumed run's weights are read from disk on rank 0 alone.
+    For a model not yet sharded; a no-op without a process group."""
+    if not dist.is_initialized():
+        return
+    with torch.no_grad():
+        for t in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values():  # tied weights once
+            sent = t.detach().to(_device())  # NCCL sends from the GPU
+            dist.broadcast(sent, src=0)
+            if sent.data_ptr() != t.data_ptr():
+                t.copy_(sent)
 
 
 # ------------------------------------------------------------------------------ memory per process
@@ -382,23 +485,35 @@ def _rows(shape, world: int, fsdp: bool) -> int:
     return -(-shape[0] // world) * math.prod(shape[1:])
 
 
-def memory_plan(policy, world: int, fsdp: bool) -> dict:
+def memory_plan(policy, world: int, fsdp: bool, dtype: str = "fp32") -> dict:
     """Bytes each process holds for PPO's training state, from the shapes of a policy with its
     value head (a model built on the `meta` device will do: nothing is allocated).
 
     fp32 throughout (the master weights; bf16 is autocast over them): parameters 4 bytes,
     gradients 4, Adam's two moments 8, the reference's parameters 4. DDP: all of it on every
     process. FSDP: rank 0's shard of each (the largest). `rollout_gathered`: what `gathered`
-    adds while the policy samples, the rest of the full weights. Activations, the KV cache, the
-    reward model and the library's buffers are not counted.
+    adds while the policy samples, the rest of the full weights.
+
+    `rollout_bf16` (--dtype bf16): autocast keeps the bf16 copy it makes of a weight for as long
+    as its block lasts, for leaf tensors that require grad, so while the policy samples it holds
+    2 bytes for every trained matrix it multiplies by: the transformer's linear layers, whole (the
+    gathered ones under FSDP), not the embeddings or the LM head (fp32, value_head.py), nor a
+    frozen weight (LoRA's base, the reference). Kept on purpose: without the cache each new token
+    would cast every weight again. Phase 3's forwards turn the cache off (each weight is used once
+    there), so they add no such copies. Activations, the KV cache, the reward model and the
+    library's buffers are not counted.
     """
     params = {id(p): p for p in policy.parameters()}.values()  # tied weights once
     n = sum(_rows(tuple(p.shape), world, fsdp) for p in params)
     trained = sum(_rows(tuple(p.shape), world, fsdp) for p in params if p.requires_grad)
     full = sum(p.numel() for p in params)
-    lora = hasattr(getattr(policy, "lm", None), "disable_adapter")  # the reference is the policy, adapters off
+    lm = getattr(policy, "lm", policy)
+    fp32 = {id(m) for m in (lm.get_output_embeddings(), getattr(policy, "v_head", None))}  # autocast off there
+    cast = sum(p.numel() for m in policy.modules() if id(m) not in fp32 and not isinstance(m, torch.nn.Embedding)
+               for p in m.parameters(recurse=False) if p.dim() >= 2 and p.requires_grad)  # fmt: skip
+    lora = hasattr(lm, "disable_adapter")  # the reference is the policy, adapters off
     return dict(parameters=4 * n, gradients=4 * trained, adam=8 * trained, reference=0 if lora else 4 * n,
-                rollout_gathered=4 * (full - n) if fsdp else 0)  # fmt: skip
+                rollout_gathered=4 * (full - n) if fsdp else 0, rollout_bf16=2 * cast if dtype == "bf16" else 0)  # fmt: skip
 
 
 def measured_bytes(policy, optimizer, reference) -> dict:

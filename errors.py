@@ -90,7 +90,7 @@ def check_config(cfg, estimators) -> None:
     can use; `estimators` are the names --advantage-estimator accepts."""
     defaults = type(cfg)()
     for name in ["query_min_len", "response_min_len", "batch_size", "mini_batch_size", "ppo_epochs", "lr",
-                 "kl_target", "kl_horizon"]:  # fmt: skip
+                 "kl_target", "kl_horizon", "dist_timeout"]:  # fmt: skip
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ["steps", "init_kl_coef", "save_every", "sample_every", "eval_prompts", "min_review_chars",
@@ -130,7 +130,8 @@ def check_pair_config(cfg, defaults) -> None:
     can use: the checks both share; `defaults` is the entry point's config with its defaults."""
     if cfg.responses_per_prompt < 2:
         raise ConfigError(f"--responses-per-prompt must be at least 2 (a pair), got {cfg.responses_per_prompt}")
-    for name in ("pairs", "heldout_pairs", "query_min_len", "response_min_len", "epochs", "batch_size", "lr"):
+    for name in ("pairs", "heldout_pairs", "query_min_len", "response_min_len", "epochs", "batch_size", "lr",
+                 "dist_timeout"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.query_max_len < cfg.query_min_len or cfg.response_max_len < cfg.response_min_len:

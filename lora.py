@@ -127,7 +127,9 @@ def add_lora(policy, rank: int, alpha: float, dropout: float) -> AdaptersOff:
                              fan_in_fan_out=conv1d, task_type="CAUSAL_LM")  # fmt: skip
     with quiet_peft():
         policy.lm = peft.get_peft_model(lm, config)  # freezes every weight of the LM, adds A and B
-    policy.eval()  # new modules start in training mode; the update switches LoRA's dropout on (ppo_update)
+    policy.kept_dropout = [m for name, m in policy.lm.named_modules() if isinstance(m, nn.Dropout) and
+                           "lora_dropout" in name.split(".")]  # the one dropout of the update (value_head.py)  # fmt: skip
+    policy.eval()  # new modules start in training mode; the update's policy.train() switches LoRA's dropout on
     return AdaptersOff(policy)
 
 

@@ -75,8 +75,8 @@ def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 
         query_ids, query_mask = left_pad(rows, tokenizer.pad_token_id, device)  # (R, Q)
         lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (len(rows),))  # (R,)
         with torch.no_grad(), distributed.gathered(policy):  # [fsdp] each unit gathered once for the call
-            out = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(),
-                                  max_new_tokens=int(lengths.max()))  # (R, Q + T)  # fmt: skip
+            out = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(), max_new_tokens=int(lengths.max()),
+                                  synced_gpus=False)  # (R, Q + T); [fsdp] as ppo_rlhf.rollout  # fmt: skip
         generated = out[:, query_ids.shape[1] :].cpu().tolist()  # (R, T); after an EOS, padding (EOS again)
         for q, r, n in zip(rows, generated, lengths.tolist()):
             r = r[:n]

@@ -20,7 +20,7 @@ One PPO step (`ppo_step`), with the tutorial's section titles:
 
 Tensor layout: queries (B, Q) left-padded, responses (B, T) right-padded, every per-token RL
 tensor (B, T) over the response only, with `response_mask` True at real response tokens. The
-run's plumbing lives elsewhere: loading.py, checkpoint.py, errors.py, report.py, tiny.py.
+run's plumbing lives elsewhere: config.py, loading.py, checkpoint.py, errors.py, report.py, tiny.py.
 
 References: [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; [2]
 Ouyang et al. 2022 (InstructGPT); [3] TRL v0.11's gpt2-sentiment example, whose settings are ours.
@@ -40,6 +40,7 @@ import lora
 import report
 import tiny
 from command_line import arg, parse_config
+from config import RunConfig
 from errors import NonFiniteError, RunError, check_config, check_finite
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
 from group_advantages import grpo_advantages, k3_kl_loss, rloo_advantages
@@ -56,7 +57,9 @@ GROUP_ESTIMATORS = {"rloo": rloo_advantages, "grpo": grpo_advantages}
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
+    """Every setting of a run, one flag each: the tutorial's here, how and where it runs in config.py."""
+
     # what to train, on what
     model: str = arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
     reward_model: str = arg("lvwerra/distilbert-imdb", "text classifier whose logit is the score")
@@ -99,25 +102,6 @@ class Config:
                             "with its adapters off (lora.py); 0: train all the weights")
     lora_alpha: float = arg(0.0, "LoRA α: the adapters' output is scaled by α / r; 0 = 2 × rank")
     lora_dropout: float = arg(0.0, "dropout on the adapters' input, in the update only (the ratio then starts off 1)")
-    # run
-    steps: int = arg(0, "PPO steps to run; 0 = one pass over the prompts")
-    seed: int = arg(0, "seed for python, numpy and torch")
-    device: str = arg("auto", "auto, cpu, cuda, cuda:N, or mps (Apple silicon; untested)")
-    dtype: str = arg("fp32", "fp32, or bf16 autocast for the transformer (heads, log-probs and losses stay fp32)")
-    reward_batch_size: int = arg(0, "texts per reward-model forward pass; 0 = 16 on a CPU, 128 on a GPU")
-    row_tokens: int = arg(ROW_TOKENS, "phase 3 packs the sequences into rows of at most this many tokens "
-                                      "(logprobs.py); 0 = the whole batch in one row")
-    fsdp: bool = arg(False, "under torchrun: shard the policy and the reference over the processes with FSDP2 "
-                            "instead of a whole copy on each (DDP); distributed.py")
-    output_dir: str = arg("runs/ppo", "where log.jsonl, samples.md, curves.png and the checkpoint go")
-    save_every: int = arg(0, "also save a checkpoint every N steps (0 = only at the end)")
-    sample_every: int = arg(10, "print a few decoded samples every N steps (0 = never)")
-    eval_prompts: int = arg(64, "held-out prompts answered by reference and trained policy at the end")
-    explain: bool = arg(False, "run one PPO step on 4 prompts (2 × K for rloo and grpo), print every tensor")
-    explain_after: int = arg(0, "with --explain: first train this many steps, so that the step explained shows "
-                                "the KL penalty, the values and the clipping at work (at step 1 all are 0)")
-    resume: str = arg("", "continue the run saved in this output folder from its last checkpoint; auto: "
-                          "--output-dir's run if it saved one, else start it (for torchrun --max-restarts)")
 
     @property
     def responses_per_prompt(self) -> int:
@@ -155,9 +139,8 @@ def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     B, Q = query_ids.shape
     lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (B,))  # (B,)
     with torch.no_grad(), autocast(), distributed.gathered(policy):  # [fsdp] each unit gathered once, not per token
-        generated = policy.generate(
-            input_ids=query_ids, attention_mask=query_mask.long(), max_new_tokens=int(lengths.max())
-        )  # (B, Q + T_gen)
+        generated = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(), max_new_tokens=int(lengths.max()),
+                                    synced_gpus=False)  # (B, Q + T_gen); [fsdp] each rank stops at its own EOS  # fmt: skip
     return cut_responses(generated[:, Q:], lengths, eos_id)
 
 
@@ -291,7 +274,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 
     # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
     full_kl = cfg.kl_kind == "full"  # only the exact KL needs the (B, T, V) logits
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(cache=False):  # each weight used once: no bf16 copies kept (loading.make_autocast)
         episodes = (query_ids, query_mask, response_ids, response_mask)
         logprobs, values, logits, entropy = batched_forward_pass(
             model, *episodes, return_logits=full_kl, return_entropy=True, row_tokens=cfg.row_tokens
@@ -379,23 +362,23 @@ def main(cfg: Config) -> list:
     """Train; return the list of per-step records (also written to `<output_dir>/log.jsonl`)."""
     from tqdm import tqdm
 
-    if cfg.resume:
-        cfg = checkpoint.resume_config(cfg)  # --resume auto: the output folder's run if it saved one, else a new one
     cfg.validate()
-    device_name = distributed.setup(cfg.device)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
+    distributed.setup(cfg.device, cfg.dist_timeout)  # [ddp] under torchrun: a process group, NCCL or gloo
+    if cfg.resume:  # --resume auto: the output folder's run if it saved one, else a new one
+        cfg = checkpoint.resume_config(cfg)  # [ddp] rank 0 reads the folder; every rank gets its answer
     world, rank = distributed.world_size(), distributed.rank()
     distributed.check_world({"--batch-size": cfg.batch_size, "--mini-batch-size": cfg.mini_batch_size}, cfg.fsdp,
                             cfg.responses_per_prompt)  # [ddp] equal shares, whole groups  # fmt: skip
     checkpoint.check_writable(cfg.output_dir)
     report.quiet_libraries()
     seed_everything(cfg.seed + rank)  # [ddp] each rank samples its own responses
-    device = resolve_device(device_name, cfg.dtype)
+    device = resolve_device(distributed.rank_device(cfg.device), cfg.dtype)  # [ddp] cuda:LOCAL_RANK
     autocast = make_autocast(device, cfg.dtype)
     learned = cfg.tiny and cfg.reward_model != Config.reward_model  # --tiny against a learned reward model
     gold = cfg.gold_reward_fn or cfg.gold_reward_model or ("tiny:judge" if learned else "")
     score_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # a bad --reward-fn fails before any work
 
-    with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
+    with distributed.once_per_node():  # [ddp] one process per disk builds the --tiny world, the others read it
         model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
     reward_model = cfg.reward_model if learned else reward_model
     print(report.config_line(cfg, TINY_OVERRIDES, model=model, reward_model=reward_model, dataset=dataset))
@@ -404,7 +387,7 @@ def main(cfg: Config) -> list:
     print(f"loading the policy from {model}, {reward}, prompts from {dataset}" + (f"; gold: {gold}" if gold else ""))
     policy, tokenizer = load_policy_and_tokenizer(model, torch.device("cpu") if cfg.fsdp else device)  # [fsdp] sharding moves it
     print(report.phase_3_layout(policy, cfg.row_tokens))
-    ref_model, optimizer, kl_ctl = prepare_training(policy, cfg)  # [fsdp] policy and reference sharded here
+    ref_model, optimizer, kl_ctl = prepare_training(policy, cfg, device)  # [fsdp] policy and reference sharded here
     reward_batch = reward_batch_size(cfg.reward_batch_size, device)
     score_fn = score_fn or load_score_fn(reward_model, cfg.reward_label, reward_batch, device)
     flag = "--gold-reward-model" if cfg.gold_reward_model else "--gold-reward-fn"
@@ -415,16 +398,8 @@ def main(cfg: Config) -> list:
 
     K = cfg.responses_per_prompt
     if cfg.explain:  # one step on 4 prompts (2 groups of K for rloo and grpo), every tensor printed; nothing is saved
-        per_step = cfg.batch_size // K
-        for i in range(cfg.explain_after):  # training steps first, on the prompts in order, so the KL has grown
-            batch_queries = [queries[(i * per_step + j) % len(queries)] for j in range(per_step)]
-            ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn,
-                     *left_pad(batch_queries, tokenizer.pad_token_id, device), cfg, autocast)  # fmt: skip
-        query_ids, query_mask = left_pad(queries[: max(2, 4 // K)], tokenizer.pad_token_id, device)
-        record, trace = ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask,
-                                 cfg, autocast, explain=True)  # fmt: skip
-        report.explain(trace, record, tokenizer, cfg, step=cfg.explain_after + 1)
-        return [dict(record, trace=trace)]
+        return report.explain_run(ppo_step, policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, queries, cfg,
+                                  autocast, device)  # fmt: skip
 
     prompts_per_step = cfg.batch_size // K  # --batch-size counts episodes: prompts × K responses
     steps_per_pass = len(queries) // prompts_per_step
@@ -462,7 +437,7 @@ def main(cfg: Config) -> list:
                 raise type(e)(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
             if world > 1 and step == start:  # [ddp] what each process holds, measured beside the plan
                 print(report.memory_line(distributed.measured_bytes(policy, optimizer, ref_model),
-                                         distributed.memory_plan(policy, world, cfg.fsdp)))  # fmt: skip
+                                         distributed.memory_plan(policy, world, cfg.fsdp, cfg.dtype)))  # fmt: skip
             record = {"step": step + 1, **record, **({"fluency": tiny.fluency(trace["texts"])} if cfg.tiny else {}),
                       **gold}  # fmt: skip
             record = distributed.mean({**record, "stop": float(stop.asked)})  # [ddp] stats over ranks

@@ -1,6 +1,6 @@
 """What a run shows its reader: `--explain`, the before/after table and the curves.
 
-- `explain`: one PPO step, phase by phase in the tutorial's order, every tensor with its shape,
+- `explain` (`explain_run` runs it): one PPO step, phase by phase in the tutorial's order, every tensor with its shape,
   a one-line note, and the file and function that computed it. The values are the ones the loop
   used (the `trace` that `ppo_rlhf.ppo_step` returns), not a second computation.
 - `print_step`: one line per PPO step, and a few decoded samples every `--sample-every` steps.
@@ -10,7 +10,6 @@
   `curves.png` (needs matplotlib, an optional dependency). `python report.py DIR` redraws it.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import time
 import torch
 
 from checkpoint import read_log, read_manifest
+from command_line import fields_in_order
 from errors import ConfigError
 from group_advantages import sequence_rewards
 
@@ -136,6 +136,26 @@ def explain(trace: dict, record: dict, tokenizer, cfg, step: int = 1) -> None:
     print(f"β before: {trace['kl_coef']:.6f}   β after: {trace['kl_coef_after']:.6f}")
 
 
+def explain_run(ppo_step, policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, queries, cfg, autocast,
+                device) -> list:  # fmt: skip
+    """`--explain`: `cfg.explain_after` training steps on the prompts in order (so that the KL,
+    the values and the clipping have grown), then one step on 4 prompts (2 groups of K for rloo
+    and grpo) printed by `explain`. Nothing is saved. Returns [the step's record, with its trace]."""
+    from loading import left_pad
+
+    K = cfg.responses_per_prompt
+    per_step = cfg.batch_size // K
+    for i in range(cfg.explain_after):
+        batch_queries = [queries[(i * per_step + j) % len(queries)] for j in range(per_step)]
+        ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn,
+                 *left_pad(batch_queries, tokenizer.pad_token_id, device), cfg, autocast)  # fmt: skip
+    query_ids, query_mask = left_pad(queries[: max(2, 4 // K)], tokenizer.pad_token_id, device)
+    record, trace = ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg,
+                             autocast, explain=True)  # fmt: skip
+    explain(trace, record, tokenizer, cfg, step=cfg.explain_after + 1)
+    return [dict(record, trace=trace)]
+
+
 def quiet_libraries() -> None:
     """One progress bar (ours) and no library chatter on the terminal."""
     from datasets.utils import logging as datasets_logging
@@ -191,7 +211,8 @@ def memory_line(measured: dict, planned: dict) -> str:
     for it, in bytes: the two agree exactly when the plan is right."""
     both = "; ".join(f"{k} {measured[k]:,} / {planned[k]:,}" for k in ("parameters", "adam", "reference"))
     return (f"memory on rank 0, bytes measured / planned: {both}; gradients up to {planned['gradients']:,} "
-            f"(freed after each step); while sampling, the gathered weights add {planned['rollout_gathered']:,}")
+            f"(freed after each step); while sampling, the gathered weights add {planned['rollout_gathered']:,}"
+            + (f" and autocast's bf16 copies {planned['rollout_bf16']:,}" if planned["rollout_bf16"] else ""))
 
 
 EMPTY = "(empty)"  # samples.md's cell for a response that ended at once (EOS first)
@@ -325,7 +346,7 @@ def phase_3_layout(policy, row_tokens: int) -> str:
 def config_line(cfg, tiny_overrides: dict, **paths) -> str:
     """`config: {...}` as the run uses it: with --tiny, the world's paths in place of the Hub
     names, and which settings --tiny chose."""
-    shown = {**dataclasses.asdict(cfg), **(paths if cfg.tiny else {})}
+    shown = {**{f.name: getattr(cfg, f.name) for f in fields_in_order(type(cfg))}, **(paths if cfg.tiny else {})}
     tiny = ", ".join(f"{k}={v}" for k, v in tiny_overrides.items() if k != "tiny" and getattr(cfg, k) == v)
     tiny = textwrap.fill(f"--tiny set: {tiny}", width=100, subsequent_indent="  ")
     return f"config: {json.dumps(shown)}" + (f"\n{tiny}" if cfg.tiny else "")

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import shutil
+import socket
 
 import torch
 
@@ -254,7 +255,7 @@ def build_world(directory: str, seed: int = 0, n_reviews: int = 6000, lm_steps: 
     rng = random.Random(seed)
     corpus = [sample_review(rng) for _ in range(n_reviews)]
     reviews, sentiments = [r for r, _ in corpus], [s for _, s in corpus]
-    scratch = directory.rstrip("/") + ".building"
+    scratch = f"{directory.rstrip('/')}.building-{socket.gethostname()}-{os.getpid()}"  # two builders never share one
     shutil.rmtree(scratch, ignore_errors=True)
     # fork_rng: the build seeds torch itself, and must leave the run's random stream as it found it;
     # devices=[]: it runs on the CPU, so no GPU's stream is saved (nor a CUDA context started on each)
@@ -273,8 +274,11 @@ def build_world(directory: str, seed: int = 0, n_reviews: int = 6000, lm_steps: 
         writer.writerows([r, int(s > 0)] for r, s in corpus[:1000])
     with open(os.path.join(scratch, "world.json"), "w") as f:
         json.dump(dict(version=WORLD_VERSION, seed=seed, lm_steps=lm_steps, cls_steps=cls_steps), f)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(scratch, directory)
+    if is_current(directory):  # another process on this disk finished first: keep its copy, the same bytes
+        shutil.rmtree(scratch)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(scratch, directory)
     return world_paths(directory)
 
 
@@ -291,12 +295,16 @@ def default_world_dir() -> str:
 def ensure_world(directory: str = "") -> tuple:
     """The paths of the cached world, built first if missing or of another WORLD_VERSION."""
     directory = directory or default_world_dir()
+    return world_paths(directory) if is_current(directory) else build_world(directory)
+
+
+def is_current(directory: str) -> bool:
+    """Whether `directory` holds a world of this WORLD_VERSION."""
     try:
         with open(os.path.join(directory, "world.json")) as f:
-            current = json.load(f).get("version") == WORLD_VERSION
+            return json.load(f).get("version") == WORLD_VERSION
     except (OSError, ValueError):
-        current = False
-    return world_paths(directory) if current else build_world(directory)
+        return False
 
 
 if __name__ == "__main__":

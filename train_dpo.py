@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 import distributed
+from distributed import DIST_TIMEOUT
 import report
 import tiny
 from checkpoint import check_writable, save_model_folder
@@ -91,6 +92,8 @@ class Config:
     device: str = arg("auto", "auto, cpu, cuda, cuda:N or mps")
     fsdp: bool = arg(False, "under torchrun: shard the policy and the reference over the processes with FSDP2 "
                             "instead of a whole copy on each (DDP); distributed.py")
+    dist_timeout: float = arg(DIST_TIMEOUT, "under torchrun: minutes a collective waits for the slowest process, "
+                                            "such as rank 0 making the pairs alone (docs/torchrun.md)")
     output_dir: str = arg("runs/dpo", "where the policy, pairs.jsonl and eval.json go")
 
 
@@ -197,6 +200,8 @@ def pair_loss(model, batch: list, ref_logps, tokenizer, device, cfg) -> tuple:
     """The loss `cfg.loss` of a minibatch of pairs, and the implicit rewards of both answers.
 
     ref_logps: (b, 2) the reference's sequence log-probs of the chosen and rejected answers.
+    Under torchrun each rank's loss is a mean over its own pairs (for the baselines, over its own
+    tokens), weighed by its share of the pairs (distributed.share_weight).
     Returns: loss (scalar), chosen and rejected implicit rewards ((b,) each, detached).
     """
     token_logprobs, mask = batch_token_logprobs(model, batch, tokenizer, device)  # (2b, T) each
@@ -240,13 +245,13 @@ def main(cfg: Config) -> dict:
     from tqdm import tqdm
 
     check_config(cfg)
-    device_name = distributed.setup(cfg.device)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
+    distributed.setup(cfg.device, cfg.dist_timeout)  # [ddp] under torchrun: a process group, NCCL or gloo
     distributed.check_world({"--batch-size": cfg.batch_size}, cfg.fsdp)  # [ddp] equal shares
     check_writable(cfg.output_dir)
     report.quiet_libraries()
     seed_everything(cfg.seed)
-    device = resolve_device(device_name)
-    with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
+    device = resolve_device(distributed.rank_device(cfg.device))  # [ddp] cuda:LOCAL_RANK
+    with distributed.once_per_node():  # [ddp] one process per disk builds the --tiny world, the others read it
         model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
     print(report.config_line(cfg, TINY_OVERRIDES, model=model, dataset=dataset))
     offline_if_hub_unreachable(model, cfg.preferences or dataset, cfg.judge, cfg.reward_model)
@@ -274,9 +279,9 @@ def main(cfg: Config) -> dict:
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if cfg.fsdp:  # [fsdp] policy and reference sharded, one unit per transformer block and one for the rest
-        distributed.shard(policy, trains=True)
+        distributed.shard(policy, trains=True, device=device)
         if not cfg.lora_rank:
-            distributed.shard(reference, trains=False)
+            distributed.shard(reference, trains=False, device=device)
     with torch.no_grad():  # every rank computes them all: simple, and the same on every rank
         ref_train = pair_logprobs(reference, train, tokenizer, device, 64)  # (P, 2), once
         ref_held = pair_logprobs(reference, held, tokenizer, device, 64)  # (P_held, 2)
@@ -293,7 +298,8 @@ def main(cfg: Config) -> dict:
             order = list(range(len(train)))
             order_rng.shuffle(order)
             for i in range(0, len(order), cfg.batch_size):
-                idx = distributed.my_share(order[i : i + cfg.batch_size])  # [ddp] every pair on one rank
+                minibatch = order[i : i + cfg.batch_size]
+                idx = distributed.my_share(minibatch)  # [ddp] every pair on one rank
                 if not idx:  # a last minibatch smaller than the number of ranks
                     continue
                 batch = [train[j] for j in idx]
@@ -302,7 +308,7 @@ def main(cfg: Config) -> dict:
                     if not torch.isfinite(loss):
                         raise RunError(f"non-finite {cfg.loss} loss at step {bar.n + 1}; nothing was saved: lower --lr")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * distributed.share_weight(len(idx), len(minibatch))).backward()  # [ddp] each pair weighs alike
                 optimizer.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{pair_accuracy(r_chosen, r_rejected).item():.2f}")
                 bar.update(1)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 import distributed
+from distributed import DIST_TIMEOUT
 import report
 import tiny
 from checkpoint import check_writable, save_model_folder
@@ -46,7 +47,6 @@ from loading import build_queries, load_preference_pairs, load_review_texts
 from loading import load_scorer, load_tokenizer, offline_if_hub_unreachable, resolve_device, seed_everything
 from pairs import make_pairs, split_by_prompt
 from reward_model import bradley_terry_loss, centering_loss, last_token_rewards, normalize_head, pair_accuracy
-from value_head import dropout_off
 
 
 @dataclass
@@ -82,6 +82,8 @@ class Config:
     device: str = arg("auto", "auto, cpu, cuda, cuda:N or mps")
     fsdp: bool = arg(False, "under torchrun: shard the reward model over the processes with FSDP2 instead of a "
                             "whole copy on each (DDP); distributed.py")
+    dist_timeout: float = arg(DIST_TIMEOUT, "under torchrun: minutes a collective waits for the slowest process, "
+                                            "such as rank 0 making the pairs alone (docs/torchrun.md)")
     output_dir: str = arg("runs/reward", "where the reward model, its tokenizer and eval.json go")
 
 
@@ -110,6 +112,13 @@ class TokenRewards(torch.nn.Module):
         super().__init__()
         self.classifier = classifier
 
+    def train(self, mode: bool = True) -> "TokenRewards":
+        """Training mode for the module, evaluation mode for the classifier: no dropout (as in
+        value_head.CausalLMWithValueHead.train), so a pair's two texts are scored by one function."""
+        super().train(mode)
+        self.classifier.eval()
+        return self
+
     def forward(self, input_ids, attention_mask):
         hidden = self.classifier.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.classifier.score(hidden).squeeze(-1).float()  # (B, L)
@@ -129,13 +138,13 @@ def main(cfg: Config) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     check_config(cfg)
-    device_name = distributed.setup(cfg.device)  # [ddp] under torchrun: a process group, cuda:LOCAL_RANK
+    distributed.setup(cfg.device, cfg.dist_timeout)  # [ddp] under torchrun: a process group, NCCL or gloo
     distributed.check_world({"--batch-size": cfg.batch_size}, cfg.fsdp)  # [ddp] equal shares
     check_writable(cfg.output_dir)
     report.quiet_libraries()
     seed_everything(cfg.seed)
-    device = resolve_device(device_name)
-    with distributed.rank_zero_first():  # [ddp] one rank builds the --tiny world, the others read it
+    device = resolve_device(distributed.rank_device(cfg.device))  # [ddp] cuda:LOCAL_RANK
+    with distributed.once_per_node():  # [ddp] one process per disk builds the --tiny world, the others read it
         model, _, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, None, cfg.dataset)
     print(report.config_line(cfg, TINY_OVERRIDES, model=model, dataset=dataset))
     offline_if_hub_unreachable(model, *([cfg.preferences] if cfg.preferences else [dataset, cfg.judge]))
@@ -171,7 +180,6 @@ def main(cfg: Config) -> dict:
     # 3. train: the policy's transformer and a fresh Linear(H, 1) head, on the Bradley–Terry loss
     with load_errors_as_config_error("model", model):
         reward_model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
-    dropout_off(reward_model)  # fp32 master weights, whatever the checkpoint stores; no dropout (value_head.py)
     reward_model.config.pad_token_id = tokenizer.pad_token_id  # how the saved classifier finds the last token
     reward_model.config.id2label, reward_model.config.label2id = {0: "REWARD"}, {"REWARD": 0}
     tokenizer.padding_side = "right"  # absolute positions (GPT-2) start at 0 on every row; saved with the model
@@ -179,7 +187,7 @@ def main(cfg: Config) -> dict:
     tokenizer.model_max_length = min(tokenizer.model_max_length, max_positions or tokenizer.model_max_length)
     scorer = TokenRewards(reward_model)
     if cfg.fsdp:  # [fsdp] one unit per transformer block and one for the rest; the shards go to `device`
-        distributed.shard(scorer, trains=True)
+        distributed.shard(scorer, trains=True, device=device)
     else:
         scorer.to(device)
     train_scorer = distributed.wrap(scorer, device)  # [ddp] DistributedDataParallel for training
@@ -190,7 +198,8 @@ def main(cfg: Config) -> dict:
         for epoch in range(cfg.epochs):
             shuffle.shuffle(train_pairs)
             for i in range(0, len(train_pairs), cfg.batch_size):
-                mine = distributed.my_share(train_pairs[i : i + cfg.batch_size])  # [ddp] every pair on one rank
+                minibatch = train_pairs[i : i + cfg.batch_size]
+                mine = distributed.my_share(minibatch)  # [ddp] every pair on one rank
                 if not mine:  # a last minibatch smaller than the number of ranks
                     continue
                 batch_c, batch_r = zip(*mine)
@@ -200,7 +209,7 @@ def main(cfg: Config) -> dict:
                 if cfg.center_coef:
                     loss = loss + cfg.center_coef * centering_loss(r_chosen, r_rejected)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * distributed.share_weight(len(mine), len(minibatch))).backward()  # [ddp] each pair weighs alike
                 optimizer.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{pair_accuracy(r_chosen, r_rejected).item():.2f}")
                 bar.update(1)

@@ -14,17 +14,19 @@ needs and the values GAE needs.
 
 Four choices worth knowing:
 
-- Dropout is switched off in the wrapped LM (`dropout_off`). PPO compares log π at rollout time
-  with log π recomputed during the update; with dropout on, the two forward passes use different
-  random masks, so the ratio π/π_old is not 1 even before the first gradient step and the clipping
-  fires on noise. Only GPT-2 does all its dropout in `nn.Dropout` modules: most architectures call
-  `F.dropout` with a probability kept as a plain float (Llama's, Qwen2's and Phi's attention
-  dropout, OPT's `dropout` and LayerDrop, BLOOM's and GPT-NeoX's hidden dropout), copied from the
-  config when the model was built. So every such float is zeroed on the modules (the config,
-  and so a saved checkpoint, keeps its own values). With dropout off the ratio is 1 until the
-  weights change, up to float rounding:
-  exactly 1 when the recomputation runs the same shapes, within a few 1e-7 when a minibatch
-  packs the rows in another order and the CPU library picks other kernels for the new shapes.
+- The transformer never runs in training mode: `train()` puts the wrapper in training mode and
+  the transformer in evaluation mode. PPO compares log π at rollout time with log π recomputed
+  during the update; with dropout on, the two forward passes use different random masks, so
+  the ratio π/π_old is not 1 even before the first gradient step and the clipping fires on
+  noise. Models apply dropout in many ways: `nn.Dropout` modules (GPT-2), floats copied from
+  the config when a module was built (Llama's attention dropout, OPT's LayerDrop), the config
+  read at every forward (Falcon's `self.config.hidden_dropout`), router noise in
+  mixture-of-experts models. All of them follow `module.training`, so evaluation mode switches
+  them off whatever the model does, and nothing is changed in the model or its config. The one
+  dropout kept is one asked for: LoRA's on the adapters' input (`kept_dropout`, lora.py).
+  With dropout off the ratio is 1 until the weights change, up to float rounding: exactly 1
+  when the recomputation runs the same shapes, within a few 1e-7 when a minibatch packs the
+  rows in another order and the CPU library picks other kernels for the new shapes.
 - The value head is initialised to zero (weight and bias), so V = 0 everywhere at the start.
   A randomly initialised head would add random values to the first advantages (A = δ + ...,
   δ = r + V' − V); a zero head starts GAE from plain reward-to-go. It still learns: ∂V/∂w = h ≠ 0.
@@ -33,7 +35,10 @@ Four choices worth knowing:
   transformer runs in bf16: GPT-2's logits sit near −64, where bf16 rounds in steps of 0.25–0.5,
   enough to move a log-prob by ~0.1 nats and make PPO clip on rounding alone. `generate` runs
   the LM head the same way, so responses are sampled from the distribution PPO computes as π_old,
-  up to the rounding of the transformer body (`generate` below says how much).
+  up to the rounding of the transformer body (`generate` below says how much). What a model's
+  own forward does to the head's output is done here too (`after_head`: Gemma-2's and 3's
+  soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`), and `logits_gap` checks
+  that nothing else is done, so that the log-probs are those of the model's own logits.
 
 Legend: R rows, N positions per row, K positions kept, V vocabulary, H hidden size.
 
@@ -74,26 +79,29 @@ def fp32_linear(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.float(), head.weight.float(), bias)  # (..., V)
 
 
-def dropout_off(model: nn.Module) -> nn.Module:
-    """Switch off every dropout of a Hugging Face model, in place, in training mode too.
+def after_head(config, logits: torch.Tensor) -> torch.Tensor:
+    """What a Hugging Face causal LM's forward does to its LM head's output before it returns it.
 
-    Two places hold a dropout probability: `nn.Dropout` modules (GPT-2), and float attributes
-    that modules copied from the config when they were built and pass to `F.dropout` or to the
-    attention kernel in training mode (`attention_dropout`, `hidden_dropout`, OPT's `dropout` and
-    `layerdrop`, ...). Each module float whose name holds "drop" (dropout, pdrop, layerdrop,
-    drop_path) is a probability in transformers' models; each is set to 0. The config is left
-    as it is, so a saved checkpoint keeps the values it came with.
+    Most models return the head's output as it is. Gemma-2 and Gemma-3 soft-cap it,
+    c·tanh(z / c) with c = `final_logit_softcapping` (30); Cohere multiplies it by `logit_scale`;
+    Granite divides it by `logits_scaling`. A model that does anything else is refused at load
+    time (`CausalLMWithValueHead.logits_gap`).
+
+    Args:
+        config: the model's config.
+        logits: (..., V) the LM head's output.
 
     Returns:
-        The same model, for chaining.
+        (..., V) the model's logits.
     """
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if "drop" in name and isinstance(value, float):
-                setattr(module, name, 0.0)
-    return model
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap  # the order of the model's own three operations
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    return logits
 
 
 def sub_state_dict(state_dict, prefix: str):
@@ -113,7 +121,8 @@ class CausalLMWithValueHead(nn.Module):
 
     def __init__(self, lm: nn.Module):
         super().__init__()
-        self.lm = dropout_off(lm)
+        self.lm = lm.eval()
+        self.kept_dropout = []  # modules whose training mode follows the wrapper's: LoRA's dropout (lora.py)
         hidden_size = lm.get_output_embeddings().in_features
         self.v_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.v_head.weight)
@@ -124,9 +133,8 @@ class CausalLMWithValueHead(nn.Module):
 
         The heads run with autocast off on the fp32 hidden state: under `--dtype bf16` the
         transformer's matmuls are bf16, but logits (around −60 to −75 for GPT-2, where bf16
-        steps by 0.25–0.5) and values are not rounded to bf16. This assumes logits =
-        output_embeddings(last hidden state), as in GPT-2 and most causal LMs; a model that
-        post-processes its logits (Gemma-2's soft-capping) needs that step added here.
+        steps by 0.25–0.5) and values are not rounded to bf16. The logits are the model's own:
+        the LM head's output, then `after_head`.
 
         Args:
             input_ids: (R, N) token ids; several sequences may be packed in a row.
@@ -147,10 +155,38 @@ class CausalLMWithValueHead(nn.Module):
         ).last_hidden_state  # (R, N, H)
         if keep is not None:
             hidden = hidden.flatten(0, 1)[keep]  # (K, H)
-        logits = fp32_linear(self.lm.get_output_embeddings(), hidden)  # (K, V)
+        logits = after_head(lm.config, fp32_linear(self.lm.get_output_embeddings(), hidden))  # (K, V)
         with torch.autocast(hidden.device.type, enabled=False):
             values = self.v_head(hidden.float()).squeeze(-1).clone()  # (K,); not a view: FSDP2 hooks a root's outputs
         return logits, values
+
+    def train(self, mode: bool = True) -> "CausalLMWithValueHead":
+        """The wrapper in training mode (`mode`), its transformer in evaluation mode whatever
+        `mode` is: no dropout, LayerDrop or router noise (module docstring), except the modules
+        in `kept_dropout`, which follow `mode`. DDP and FSDP call this through their own `train`."""
+        super().train(mode)
+        self.lm.eval()
+        for module in self.kept_dropout:
+            module.train(mode)
+        return self
+
+    def logits_gap(self) -> float:
+        """How far the logits of `forward` would be from the model's own, on any weights: 0.0 when
+        `after_head` does what the model's forward does after its LM head.
+
+        The head's output is replaced, through a hook, by known values from −50 to 50; the model's
+        own forward turns them into its logits, and `after_head` turns them into ours. A step not
+        known here (a soft-cap or a scale under another name) makes the two differ by up to tens.
+        """
+        head = self.lm.get_output_embeddings()
+        probe = torch.linspace(-50.0, 50.0, head.out_features, device=head.weight.device)  # (V,)
+        hook = head.register_forward_hook(lambda module, args, out: probe.to(out.dtype).expand(out.shape))
+        try:
+            with torch.no_grad():
+                theirs = self.lm(input_ids=torch.tensor([[1, 2, 3]], device=probe.device), use_cache=False).logits
+        finally:
+            hook.remove()
+        return (theirs.float() - after_head(self.lm.config, probe)).abs().max().item()
 
     def generate(self, *args, **kwargs):
         """The LM's own `generate`, with its LM head run as `forward` runs it: in fp32, autocast off.
