@@ -407,6 +407,13 @@ def gathered(model):
     gathered at the first token and kept: one all-gather per unit per rollout, then the tokens
     are local. The cost is memory: while the block runs, each rank holds the whole model's
     weights (docs/torchrun.md has the numbers). Without sharding, a no-op.
+
+    The tokens are local only with `generate(..., synced_gpus=False)`, which the callers pass:
+    transformers turns it on for any FSDP-managed module once a process group exists
+    (`is_fsdp_managed_module` in its generation/utils.py), making every rank run forwards, and
+    all-reduce a flag, until the slowest rank is done. Safe here because a gathered unit's next
+    forwards hold no collective: FSDP2's `FSDPParamGroup.unshard` returns at once when the unit
+    is unsharded, and its `reshard` returns at once in forward while resharding is off.
     """
     model = getattr(model, "policy", model)  # lora.AdaptersOff: the policy with adapters off
     if not is_sharded(model):
