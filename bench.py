@@ -52,6 +52,7 @@ import torch
 import loading
 import ppo_rlhf
 import tiny
+from logprobs import ROW_TOKENS
 from rewards import pipeline_scorer
 from value_head import CausalLMWithValueHead
 
@@ -193,7 +194,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--group-size", type=int, default=0, help="K responses per prompt; 0: 1 for gae, 4 otherwise")
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (lora.py); 0: full fine-tune")
     parser.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA α; 0 = 2 × rank")
-    parser.add_argument("--row-tokens", type=int, default=ppo_rlhf.ROW_TOKENS,
+    parser.add_argument("--row-tokens", type=int, default=ROW_TOKENS,
                         help="longest packed row of phase 3 and the update (logprobs.py); 0: one row per batch")
     parser.add_argument("--memory-table", action="store_true",
                         help="print the bytes per GPU of PPO's training state, DDP and FSDP (distributed.memory_plan), and stop")

@@ -1,8 +1,15 @@
-"""The settings of `ppo_rlhf.Config` that are not the tutorial's: how and where a run runs.
+"""The settings of `ppo_rlhf.Config` that are not the tutorial's.
 
 `ppo_rlhf.Config` holds what the tutorial sets (the models, the data, the episode's shape, PPO's
-hyperparameters) and inherits these, so that the loop's file opens with the loop. The command
-line lists them last, under "run" (command_line.parse_config reads a class's own fields first).
+hyperparameters) and inherits these, so that the loop's file opens with the loop:
+
+    ObjectiveConfig   the variants of the objective that GRPO, DAPO and GSPO configs set (how the
+                      loss is aggregated, clip-higher, dual-clip, sequence ratios, where the KL
+                      goes, a sampler that is not π_old), each off by default (docs/objectives.md)
+    RunConfig         how and where a run runs
+
+The command line lists them after the tutorial's, in this order (command_line.parse_config
+reads a class's own fields first).
 """
 
 from dataclasses import dataclass
@@ -10,6 +17,55 @@ from dataclasses import dataclass
 from command_line import arg
 from distributed import DIST_TIMEOUT
 from logprobs import ROW_TOKENS
+from ppo_loss import IS_CORRECTIONS, LOSS_AGGS
+from rewards import KL_KINDS
+
+
+@dataclass
+class ObjectiveConfig:
+    loss_agg: str = arg("token-mean", f"how per-token losses become one: {', '.join(LOSS_AGGS)} (ppo_loss.py)")
+    loss_agg_constant: float = arg(0.0, "C of seq-mean-token-sum-norm (Dr. GRPO); 0 = --response-max-len")
+    scale_rewards: str = arg("auto", "rloo and grpo: divide the advantages by the std of each group, of the batch, "
+                                     "or none; auto = group for grpo, none for rloo (group_advantages.py)")
+    cliprange_high: float = arg(0.0, "ε_high, the ratio's upper clip (DAPO's clip-higher: 0.28); 0 = --cliprange")
+    dual_clip: float = arg(0.0, "c > 1: cap a negative advantage's loss at −A·c (dual-clip, verl clip_ratio_c 3); "
+                                "0 = off")
+    ratio_level: str = arg("token", "token, or sequence: GSPO's one ratio per response (rloo and grpo)")
+    kl_in: str = arg("auto", "where the KL to the reference goes: reward or loss; auto = loss for grpo, reward "
+                             "for gae and rloo (rewards.py)")
+    kl_kind: str = arg("auto", f"per-token KL estimator: one of {', '.join(KL_KINDS)} (kl = Schulman's k1, mse = "
+                               "k2); auto = k3 in the loss, kl in the reward")
+    kl_ratio_weight: bool = arg(True, "with the KL in the loss, weigh it by π/π_old, so that k3's gradient is that "
+                                      "of KL(π‖ρ) (TRL use_bias_correction_kl); --no-kl-ratio-weight: the GRPO "
+                                      "paper's plain k3, whose gradient is that of KL(ρ‖π)")
+    temperature: float = arg(1.0, "sample the rollout at this temperature (π_old stays the policy at 1)")
+    top_k: int = arg(0, "sample the rollout from the k likeliest tokens only; 0 = all")
+    top_p: float = arg(1.0, "sample the rollout from the likeliest tokens holding this much mass; 1 = all")
+    is_correction: str = arg("none", f"correct the policy gradient for a sampler that is not π_old: "
+                                     f"{', '.join(IS_CORRECTIONS)} (ppo_loss.is_weights)")
+    is_cap: float = arg(2.0, "C of --is-correction: tis truncates each token's π_old/μ at C, seq-mask drops a "
+                             "response whose product of ratios is past C")
+
+    def kl_placement(self) -> str:
+        """Where the KL goes: --kl-in, or for auto the estimator's place (GRPO's in the loss)."""
+        return self.kl_in if self.kl_in != "auto" else "loss" if self.advantage_estimator == "grpo" else "reward"
+
+    def kl_estimator(self) -> str:
+        """--kl-kind, or for auto k3 in the loss and k1 ("kl") in the reward."""
+        return self.kl_kind if self.kl_kind != "auto" else "k3" if self.kl_placement() == "loss" else "kl"
+
+    def group_scale(self) -> str:
+        """--scale-rewards, or for auto GRPO's group std and RLOO's none."""
+        return self.scale_rewards if self.scale_rewards != "auto" else "group" if self.advantage_estimator == "grpo" else "none"
+
+    def processed_sampling(self) -> bool:
+        """Whether the rollout samples from processed logits (a temperature, top-k or top-p): μ ≠ π_old."""
+        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of ppo_loss.ppo_loss that these settings choose."""
+        return dict(cliprange_high=self.cliprange_high, dual_clip=self.dual_clip, ratio_level=self.ratio_level,
+                    loss_agg=self.loss_agg, agg_constant=self.loss_agg_constant or self.response_max_len)  # fmt: skip
 
 
 @dataclass

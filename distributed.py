@@ -225,6 +225,30 @@ def global_mean_var(x: torch.Tensor, mask: torch.Tensor):
     return torch.tensor(mean, dtype=x.dtype, device=x.device), torch.tensor(var, dtype=x.dtype, device=x.device)
 
 
+def tokens_per_rank(mask: torch.Tensor):
+    """The real tokens of a minibatch on every rank, over the number of ranks: the N that makes
+    each rank's token-mean a share of the whole minibatch's (ppo_loss.aggregate), so the loss does
+    not depend on how the tokens fell over the ranks. None without a process group."""
+    if not dist.is_initialized():
+        return None
+    total = mask.sum().to(_device(), torch.float32)
+    dist.all_reduce(total)  # no host wait: the tensor stays on the device
+    return total.to(mask.device) / world_size()
+
+
+def global_std(x: torch.Tensor):
+    """The unbiased std of every rank's values of x (B,), as a scalar tensor; None without a
+    process group (the caller then takes its own batch's)."""
+    if not dist.is_initialized():
+        return None
+    x = x.double()
+    sums = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(),
+                        x.square().sum()]).to(_device())  # fmt: skip
+    dist.all_reduce(sums)
+    n, s, ss = sums.tolist()
+    return torch.tensor(max(ss - s * s / n, 0.0) / (n - 1), dtype=torch.float32, device=x.device).sqrt()
+
+
 @contextlib.contextmanager
 def once_per_node():
     """A block run by rank 0 first, then by the first process of each other node, then by the rest.

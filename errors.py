@@ -8,6 +8,7 @@ import contextlib
 
 import torch
 
+from ppo_loss import IS_CORRECTIONS, LOSS_AGGS
 from rewards import KL_KINDS
 
 
@@ -102,9 +103,13 @@ def check_config(cfg, estimators) -> None:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not a multiple of --mini-batch-size {cfg.mini_batch_size}")
     if cfg.query_max_len < cfg.query_min_len or cfg.response_max_len < cfg.response_min_len:
         raise ConfigError("each *-max-len must be at least its *-min-len")
-    for name, allowed in (("kl_kind", KL_KINDS), ("dtype", ("fp32", "bf16")), ("advantage_estimator", estimators)):
+    for name, allowed in (("kl_kind", ("auto",) + KL_KINDS), ("dtype", ("fp32", "bf16")),
+                          ("advantage_estimator", estimators), ("loss_agg", LOSS_AGGS), ("kl_in", ("auto", "reward", "loss")),
+                          ("scale_rewards", ("auto", "group", "batch", "none")), ("ratio_level", ("token", "sequence")),
+                          ("is_correction", IS_CORRECTIONS)):  # fmt: skip
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    check_objective(cfg)
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"--lora-dropout must be below 1, got {cfg.lora_dropout}")
     K = cfg.responses_per_prompt
@@ -123,6 +128,27 @@ def check_config(cfg, estimators) -> None:
         flags = " and ".join("--" + k.replace("_", "-") for k in ignored)
         raise ConfigError(f"--tiny builds its own policy and prompts, so {flags} would be ignored: "
                           "drop them, or drop --tiny")  # fmt: skip
+
+
+def check_objective(cfg) -> None:
+    """The variants of the objective (config.ObjectiveConfig): one ConfigError line for a value or
+    a combination that cannot work."""
+    group = cfg.advantage_estimator != "gae"
+    if not 0.0 < cfg.temperature or not 0.0 < cfg.top_p <= 1.0 or cfg.top_k < 0:
+        raise ConfigError(f"--temperature must be above 0, --top-p in (0, 1] and --top-k at least 0; got "
+                          f"{cfg.temperature}, {cfg.top_p} and {cfg.top_k}")  # fmt: skip
+    if cfg.is_cap <= 1.0 or cfg.cliprange_high < 0 or cfg.loss_agg_constant < 0:
+        raise ConfigError(f"--is-cap must be above 1 (a ratio's cap), --cliprange-high and --loss-agg-constant not "
+                          f"negative; got {cfg.is_cap}, {cfg.cliprange_high} and {cfg.loss_agg_constant}")  # fmt: skip
+    if cfg.dual_clip and cfg.dual_clip <= 1.0 + cfg.cliprange:
+        raise ConfigError(f"--dual-clip {cfg.dual_clip} must be above 1 + --cliprange ({1 + cfg.cliprange}): the "
+                          "cap on a negative advantage's loss sits beyond the clip range (3 in verl); 0 turns it off")
+    if cfg.scale_rewards != "auto" and not group:
+        raise ConfigError(f"--scale-rewards scales the group estimators' advantages (rloo, grpo); gae whitens its own "
+                          "over the batch: drop --scale-rewards or choose --advantage-estimator rloo or grpo")
+    if cfg.ratio_level == "sequence" and not group:
+        raise ConfigError("--ratio-level sequence (GSPO) gives each response one ratio, for one advantage per "
+                          "response: use --advantage-estimator rloo or grpo, whose advantages are per response")
 
 
 def check_pair_config(cfg, defaults) -> None:

@@ -31,6 +31,10 @@ estimator, which is never negative and unbiased for KL(π‖ρ) on tokens sample
 
     kl_loss = mean_t [ ρ_t/π_t − log(ρ_t/π_t) − 1 ]        loss = pg_loss + β · kl_loss
 
+Its gradient, though, is in expectation that of KL(ρ‖π), not of KL(π‖ρ); weighted by π/π_old it
+is that of KL(π‖ρ), the default here (rewards.kl_loss_terms has the table; ppo_rlhf.py's
+`--kl-in`, `--kl-kind`, `--kl-ratio-weight` choose).
+
 What they drop and what they cost. No critic: no value loss, and the value head is not trained.
 Here the head is one Linear(H, 1) on the policy's own hidden state, so that saves little; in
 the InstructGPT setup the critic is a second transformer, with its own forward and backward
@@ -39,9 +43,11 @@ per prompt: the same number of episodes covers K times fewer prompts, and the ba
 as good as K samples make it.
 
 Where practice varies, the choices here:
-- GRPO divides by the group's std, as the paper does. Liu et al. (2025, "Dr. GRPO") argue that
-  this weighs groups of nearly equal rewards (prompts too easy or too hard) up, and drop it:
-  `grpo_advantages(..., scale_by_std=False)`.
+- GRPO divides by the group's std, as the paper does (`scale="group"`). Liu et al. (2025, "Dr.
+  GRPO") argue that this weighs groups of nearly equal rewards (prompts too easy or too hard)
+  up, and drop it (`scale="none"`); `scale="batch"` divides by the std of the whole batch's
+  rewards instead (TRL's `scale_rewards` takes the same three values; verl
+  `norm_adv_by_std_in_grpo`). RLOO divides by nothing unless asked.
 - The loss is the same clipped surrogate for all three estimators (ppo_loss.py), averaged over
   every real token of the minibatch, not the GRPO paper's mean over responses of per-response
   means (which gives a short response's tokens more weight each; Dr. GRPO and DAPO also
@@ -91,13 +97,30 @@ def _per_token(A: torch.Tensor, R: torch.Tensor, response_mask: torch.Tensor):
     return advantages, returns
 
 
-def rloo_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, group_size: int):
+def _scaled(A: torch.Tensor, groups: torch.Tensor, R: torch.Tensor, scale: str, batch_std, eps: float):
+    """A (P, K) divided by the group's std, the batch's, or nothing (`scale`). The groups are
+    shifted (`_groups`), which changes no group's std; the batch's is R's own."""
+    if scale == "group":
+        return A / (groups.std(1, keepdim=True) + eps)  # (P, K) unbiased std, as TRL and verl
+    if scale == "batch":
+        return A / ((R.std() if batch_std is None else batch_std) + eps)  # std of every reward in the batch
+    if scale == "none":
+        return A
+    raise ValueError(f"unknown scale {scale!r}; choose group, batch or none")
+
+
+def rloo_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, group_size: int, scale: str = "none",
+                    batch_std=None, eps: float = 1e-6):  # fmt: skip
     """RLOO: each response's reward minus the mean reward of the other K−1 of its group.
 
     Args:
         rewards: (B, T) per-token rewards, the KL penalty included; rows grouped by prompt.
         response_mask: (B, T) bool, True at real response tokens.
         group_size: K, responses per prompt (≥ 2).
+        scale: "none" (RLOO's own), "group" or "batch": divide by that std of the rewards.
+        batch_std: the batch's std for scale="batch" when the batch is larger than these rows
+            (under torchrun, every process's); None: these rows'.
+        eps: added to the std.
 
     Returns:
         advantages: (B, T) A_i on every real token of response i; 0 at padding. They sum to 0
@@ -107,7 +130,7 @@ def rloo_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, group_si
     R = sequence_rewards(rewards, response_mask)  # (B,)
     groups = _groups(R, group_size)  # (P, K)
     others_mean = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)  # (P, K)
-    A = (groups - others_mean).reshape(-1)  # (B,)
+    A = _scaled(groups - others_mean, groups, R, scale, batch_std, eps).reshape(-1)  # (B,)
     return _per_token(A, R, response_mask)
 
 
@@ -115,7 +138,8 @@ def grpo_advantages(
     rewards: torch.Tensor,
     response_mask: torch.Tensor,
     group_size: int,
-    scale_by_std: bool = True,
+    scale: str = "group",
+    batch_std=None,
     eps: float = 1e-6,
 ):
     """GRPO: each response's reward minus its group's mean, over the group's standard deviation.
@@ -124,34 +148,16 @@ def grpo_advantages(
         rewards: (B, T) per-token rewards (for GRPO: the score alone; the KL goes in the loss).
         response_mask: (B, T) bool, True at real response tokens.
         group_size: K, responses per prompt (≥ 2).
-        scale_by_std: divide by the group's std (the paper); False is Dr. GRPO's variant.
+        scale: "group" (the paper), "batch" (the whole batch's std) or "none" (Dr. GRPO).
+        batch_std: as in `rloo_advantages`.
         eps: added to the std, so a group of equal rewards gets 0, not 0/0.
 
     Returns:
         advantages: (B, T) A_i on every real token of response i; 0 at padding. Mean 0 over
-            each group, and std 1 unless the rewards are (nearly) equal.
+            each group, and std 1 with scale="group" unless the rewards are (nearly) equal.
         returns: (B, T) R_i on every real token (logged only).
     """
     R = sequence_rewards(rewards, response_mask)  # (B,)
     groups = _groups(R, group_size)  # (P, K)
-    centered = groups - groups.mean(1, keepdim=True)  # (P, K)
-    if scale_by_std:
-        centered = centered / (groups.std(1, keepdim=True) + eps)  # (P, K) unbiased std, as TRL and verl
+    centered = _scaled(groups - groups.mean(1, keepdim=True), groups, R, scale, batch_std, eps)  # (P, K)
     return _per_token(centered.reshape(-1), R, response_mask)
-
-
-def k3_kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """GRPO's KL term: mean over real tokens of ρ/π − log(ρ/π) − 1 (k3), with gradient through π.
-
-    Args:
-        logprobs: (B, T) log π of the response tokens under the current weights (with grad).
-        ref_logprobs: (B, T) log ρ of the same tokens under the reference model.
-        response_mask: (B, T) bool, True at real response tokens.
-
-    Returns:
-        A scalar, ≥ 0; exactly 0 where π = ρ.
-    """
-    mask = response_mask.bool()
-    log_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)  # (B, T) log ρ/π; 0 at padding
-    k3 = torch.exp(log_ratio) - log_ratio - 1.0  # (B, T)
-    return k3.sum() / mask.sum()

@@ -19,6 +19,7 @@ import torch
 
 import distributed
 from loading import left_pad
+from sampling import cut_responses
 from reward_model import preference_probability
 
 
@@ -77,13 +78,10 @@ def sample_responses(policy, tokenizer, queries, cfg, device, per_prompt: int = 
         with torch.no_grad(), distributed.gathered(policy):  # [fsdp] each unit gathered once for the call
             out = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(), max_new_tokens=int(lengths.max()),
                                   synced_gpus=False)  # (R, Q + T); [fsdp] as ppo_rlhf.rollout  # fmt: skip
-        generated = out[:, query_ids.shape[1] :].cpu().tolist()  # (R, T); after an EOS, padding (EOS again)
-        for q, r, n in zip(rows, generated, lengths.tolist()):
-            r = r[:n]
-            if tokenizer.eos_token_id in r:  # cut right after the first EOS: what follows is padding
-                r = r[: r.index(tokenizer.eos_token_id) + 1]
-            responses.append(r)
-            texts.append(tokenizer.decode(q + r, skip_special_tokens=True))  # special tokens (EOS) dropped
+        ids, mask = cut_responses(out[:, query_ids.shape[1] :], lengths, tokenizer.eos_token_id)  # (R, T) each
+        for q, r, m in zip(rows, ids.cpu(), mask.cpu()):
+            responses.append(r[m].tolist())
+            texts.append(tokenizer.decode(q + responses[-1], skip_special_tokens=True))  # special tokens (EOS) dropped
     return responses, texts
 
 

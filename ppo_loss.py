@@ -18,9 +18,42 @@ has moved more than ε in the direction the advantage rewards, the clipped term 
 and its gradient is zero, so one batch cannot push the policy far. The value loss is clipped the
 same way around the values seen at rollout.
 
-Means run over real response tokens only (`response_mask`), over the whole minibatch at once, so
-a long response weighs more than a short one. Both losses are returned unscaled; the caller
-combines them in one visible line, `loss = pg_loss + vf_coef * vf_loss`.
+How the per-token losses become one number (`aggregate`, `--loss-agg`) weighs long and short
+responses differently (L_i = response i's length, N = Σ L_i, B responses, m = the mask):
+
+    token-mean                Σ_it ℓ_it / N                   each token alike, so a long response
+                              weighs more (DAPO; TRL "dapo", over every process; "bnpo" on one)
+    seq-mean-token-mean       1/B Σ_i (Σ_t ℓ_it / L_i)        each response alike, its tokens
+                              sharing its weight (the GRPO paper; TRL "grpo")
+    seq-mean-token-sum-norm   Σ_it ℓ_it / (B · C)             a constant C (the longest response
+                              allowed), no length in the weight (Dr. GRPO; TRL "dr_grpo")
+
+The default is the first, over the real tokens of the whole minibatch; under torchrun N is every
+process's count (`token_total`), so a rank's share weighs what it holds and the result does not
+depend on the number of processes (verl PR 5366). The two others need no count: every rank holds
+the same number of responses. Both losses are returned unscaled; the caller combines them in one
+visible line, `loss = pg_loss + vf_coef * vf_loss`.
+
+Variants of the clipping, each off by default:
+
+    clip-higher   clip(ratio, 1 − ε, 1 + ε_high), ε_high > ε lets unlikely tokens that the
+                  advantage favours grow further (DAPO: ε 0.2, ε_high 0.28; TRL `epsilon_high`,
+                  verl `clip_ratio_high`)
+    dual-clip     for A < 0, the loss is also capped at −A·c (c > 1): a token whose ratio has
+                  grown past c while its advantage is negative gets no gradient, where plain
+                  clipping would push it down without bound (Ye et al. 2020; verl `clip_ratio_c`)
+    sequence      GSPO's ratio: one per response, s_i = exp(1/L_i Σ_t (logπ − logπ_old)), on every
+                  token of it, clipped like a token's (Zheng et al. 2025; TRL
+                  `importance_sampling_level="sequence"`)
+
+A sampler that is not π_old (a temperature, top-k or top-p; an inference engine's kernels) gives
+tokens from μ ≠ π_old; `is_weights` corrects the policy-gradient terms for it, each token's loss
+multiplied by a weight computed once per batch (no gradient):
+
+    tis        w_t = min(π_old_t / μ_t, C)                       truncated IS per token (Yao et al.
+               2025; verl rollout correction "token", TRL "token_truncate")
+    seq-mask   w_i = ρ_i if ρ_i ≤ C else 0, ρ_i = Π_t π_old_t/μ_t   the sequence's ratio, its
+               response masked out past C (TRL's default "sequence_mask", cap 3)
 
 Stats (detached floats):
     pg_clipfrac   share of tokens where the clipped policy term was the active one
@@ -35,7 +68,16 @@ References:
   [1] Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7 and 9.
   [2] OpenAI lm-human-preferences `train_policy.py`, `loss()`: `vpredclipped`, `cliprange_value`,
       `approxkl`, `pg_clipfrac` and the ½ in the value loss.
+  [3] Yu et al. 2025, "DAPO", §3.1 (clip-higher) and §3.3 (token-level loss); Liu et al. 2025,
+      "Understanding R1-Zero-Like Training" (Dr. GRPO); Ye et al. 2020, "Mastering Complex
+      Control in MOBA Games with Deep Reinforcement Learning" (dual-clip); Zheng et al. 2025,
+      "Group Sequence Policy Optimization" (GSPO); Yao et al. 2025, "Your Efficient RL Framework
+      Secretly Brings You Off-Policy RL Training" (TIS).
+  [4] TRL 1.16 `GRPOTrainer._compute_loss` and its vLLM importance sampling; verl
+      `core_algos.agg_loss` and `compute_policy_loss` (`clip_ratio_c`).
 """
+
+import math
 
 import torch
 
@@ -43,6 +85,35 @@ import torch
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Repeats gae.masked_mean in two lines so that this file can be copied alone.
     return torch.where(mask, x, 0.0).sum() / mask.sum()
+
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+IS_CORRECTIONS = ("none", "tis", "seq-mask")
+
+
+def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", constant: float = 0.0,
+              token_total=None) -> torch.Tensor:  # fmt: skip
+    """Per-token losses as one number, `mode` one of LOSS_AGGS (module docstring).
+
+    Args:
+        losses: (B, T) per-token losses.
+        mask: (B, T) bool, True at real response tokens.
+        mode: how to weigh tokens and responses.
+        constant: C of "seq-mean-token-sum-norm".
+        token_total: N of "token-mean" when it is not this batch's own count (a scalar tensor:
+            under torchrun every process's tokens over the number of processes).
+
+    Returns:
+        A scalar.
+    """
+    kept = torch.where(mask, losses, 0.0)  # (B, T)
+    if mode == "token-mean":
+        return kept.sum() / (mask.sum() if token_total is None else token_total)
+    if mode == "seq-mean-token-mean":
+        return (kept.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return kept.sum() / (mask.shape[0] * constant)
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGS}")
 
 
 def ppo_loss(
@@ -55,6 +126,13 @@ def ppo_loss(
     response_mask: torch.Tensor,
     cliprange: float,
     cliprange_value: float,
+    cliprange_high: float = 0.0,
+    dual_clip: float = 0.0,
+    ratio_level: str = "token",
+    loss_agg: str = "token-mean",
+    agg_constant: float = 0.0,
+    token_total=None,
+    is_weights=None,
 ):
     """Clipped surrogate policy loss and clipped value loss, unscaled, plus stats.
 
@@ -68,26 +146,51 @@ def ppo_loss(
         response_mask: (B, T) bool, True at real response tokens.
         cliprange: ε for the ratio.
         cliprange_value: ε_v for the value.
+        cliprange_high: ε_high, the upper clip (clip-higher); 0 = ε.
+        dual_clip: c > 1, the cap on the loss of a negative advantage; 0 = off.
+        ratio_level: "token", or "sequence" (GSPO: one ratio per response, on each of its tokens).
+        loss_agg: how per-token losses become one number (`aggregate`).
+        agg_constant: C for loss_agg "seq-mean-token-sum-norm".
+        token_total: N for loss_agg "token-mean" under torchrun (`aggregate`).
+        is_weights: (B, T) weights of the policy-gradient terms (`is_weights`); None = 1.
 
     Returns:
         pg_loss: scalar policy loss.
         vf_loss: scalar value loss (with the ½, without vf_coef).
         stats: dict of detached 0-dim tensors: pg_clipfrac, vf_clipfrac, approxkl, policykl,
-            ratio_mean, ratio_max. Tensors, not floats: on a GPU each `.item()` makes the host
-            wait for the device, so the caller turns them into floats all at once.
+            ratio_mean, ratio_max, and pg_clipfrac_lower with dual_clip. Tensors, not floats: on
+            a GPU each `.item()` makes the host wait for the device, so the caller turns them
+            into floats all at once.
     """
     mask = response_mask.bool()
     # Padded columns may hold anything: zero them before exp so no inf/NaN reaches a gradient.
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)  # (B, T)
-    ratio = torch.exp(log_ratio)  # (B, T)
+    if ratio_level == "sequence":  # GSPO: the mean log-ratio of each response, on all its tokens
+        log_ratio_used = (log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
+    else:
+        log_ratio_used = log_ratio  # (B, T)
+    ratio = torch.exp(log_ratio_used)  # (B, T)
     pg_losses = -advantages * ratio  # (B, T)
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
-    pg_loss = _masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    high = cliprange_high or cliprange
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)  # (B, T)
+    per_token = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
+    if dual_clip:  # a negative advantage's loss capped at −A·c
+        per_token = torch.where(advantages < 0, torch.min(per_token, -advantages * dual_clip), per_token)  # (B, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights  # (B, T)
+    if loss_agg == "token-mean" and token_total is None:
+        pg_loss = _masked_mean(per_token, mask)  # the same numbers, and the same sum, as before the modes existed
+    else:
+        pg_loss = aggregate(per_token, mask, loss_agg, agg_constant, token_total)
 
     vpredclipped = old_values + torch.clamp(vpred - old_values, -cliprange_value, cliprange_value)  # (B, T)
     vf_losses = (vpred - returns).square()  # (B, T)
     vf_losses_clipped = (vpredclipped - returns).square()  # (B, T)
-    vf_loss = 0.5 * _masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
+    vf_max = torch.max(vf_losses, vf_losses_clipped)  # (B, T)
+    if loss_agg == "token-mean" and token_total is None:
+        vf_loss = 0.5 * _masked_mean(vf_max, mask)
+    else:
+        vf_loss = 0.5 * aggregate(vf_max, mask, loss_agg, agg_constant, token_total)
 
     with torch.no_grad():
         stats = {
@@ -98,4 +201,52 @@ def ppo_loss(
             "ratio_mean": _masked_mean(ratio, mask),
             "ratio_max": ratio.masked_fill(~mask, float("-inf")).max(),
         }
+        if dual_clip:
+            stats["pg_clipfrac_lower"] = _masked_mean(((advantages < 0) & (ratio > dual_clip)).float(), mask)
     return pg_loss, vf_loss, stats
+
+
+def is_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, response_mask: torch.Tensor, mode: str,
+               cap: float) -> torch.Tensor:  # fmt: skip
+    """Importance weights of each token for a sampler μ that is not π_old (module docstring).
+
+    Args:
+        old_logprobs: (B, T) log π_old of the sampled tokens (phase 3).
+        sampler_logprobs: (B, T) log μ of the same tokens: the distribution they were drawn from.
+        response_mask: (B, T) bool, True at real response tokens.
+        mode: "tis" (per token, truncated at `cap`) or "seq-mask" (per response, masked past `cap`).
+        cap: C.
+
+    Returns:
+        weights: (B, T), no gradient; 0 at padding.
+    """
+    mask = response_mask.bool()
+    log_ratio = torch.where(mask, old_logprobs - sampler_logprobs, 0.0).detach()  # (B, T) log π_old/μ
+    if mode == "tis":
+        weights = torch.exp(log_ratio).clamp(max=cap)  # (B, T)
+    elif mode == "seq-mask":
+        seq = torch.exp(log_ratio.sum(1, keepdim=True))  # (B, 1) Π_t π_old/μ
+        weights = torch.where(seq <= cap, seq, 0.0).expand_as(log_ratio)  # (B, T)
+    else:
+        raise ValueError(f"unknown correction {mode!r}; choose one of {IS_CORRECTIONS[1:]}")
+    return torch.where(mask, weights, 0.0)
+
+
+def sampler_mismatch(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                     cap: float) -> dict:  # fmt: skip
+    """How far the sampler μ is from π_old on this batch's tokens, as detached 0-dim tensors.
+
+    Args:
+        old_logprobs, sampler_logprobs, response_mask: as in `is_weights`.
+        cap: C, for the share of tokens whose ratio π_old/μ is past it.
+
+    Returns:
+        sampler_kl: mean over tokens of log μ − log π_old, an estimate of KL(μ‖π_old) (tokens drawn
+            from μ); sampler_ratio_max: the largest π_old/μ; sampler_past_cap: share of tokens
+            with π_old/μ > C.
+    """
+    mask = response_mask.bool()
+    log_ratio = torch.where(mask, old_logprobs - sampler_logprobs, 0.0).detach()  # (B, T)
+    return {"sampler_kl": _masked_mean(-log_ratio, mask),
+            "sampler_ratio_max": log_ratio.masked_fill(~mask, float("-inf")).max().exp(),
+            "sampler_past_cap": _masked_mean((log_ratio > math.log(cap)).float(), mask)}  # fmt: skip

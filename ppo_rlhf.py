@@ -40,16 +40,17 @@ import lora
 import report
 import tiny
 from command_line import arg, parse_config
-from config import RunConfig
+from config import ObjectiveConfig, RunConfig
 from errors import NonFiniteError, RunError, check_config, check_finite
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
-from group_advantages import grpo_advantages, k3_kl_loss, rloo_advantages
+from group_advantages import grpo_advantages, rloo_advantages, sequence_rewards
 from loading import fork_rng, left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn
 from loading import load_scorer, make_autocast, offline_if_hub_unreachable, prepare_training, resolve_device
 from loading import reward_batch_size, seed_everything
-from logprobs import ROW_TOKENS, batched_forward_pass
-from ppo_loss import ppo_loss
-from rewards import KL_KINDS, kl_shaped_rewards
+from logprobs import batched_forward_pass
+from ppo_loss import aggregate, is_weights, ppo_loss, sampler_mismatch
+from rewards import kl_loss_terms, kl_shaped_rewards
+from sampling import SamplerLogprobs, cut_responses, decode_texts, sampling_processors
 
 # The advantage estimators: GAE with the critic (gae.py), or from groups of K (group_advantages.py).
 ESTIMATORS = ("gae", "rloo", "grpo")
@@ -57,8 +58,9 @@ GROUP_ESTIMATORS = {"rloo": rloo_advantages, "grpo": grpo_advantages}
 
 
 @dataclass
-class Config(RunConfig):
-    """Every setting of a run, one flag each: the tutorial's here, how and where it runs in config.py."""
+class Config(ObjectiveConfig, RunConfig):
+    """Every setting of a run, one flag each: the tutorial's here; in config.py the objective's variants
+    (GRPO's, DAPO's, GSPO's) and how and where a run runs."""
 
     # what to train, on what
     model: str = arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
@@ -92,7 +94,6 @@ class Config(RunConfig):
     adaptive_kl: bool = arg(True, "adapt β towards kl_target (--no-adaptive-kl: keep init_kl_coef)")
     kl_target: float = arg(6.0, "target KL per response, in nats, for the adaptive β")
     kl_horizon: float = arg(10000.0, "samples over which the adaptive β corrects its error")
-    kl_kind: str = arg("kl", f"per-token KL estimator: one of {', '.join(KL_KINDS)}")
     gamma: float = arg(1.0, "discount γ")
     lam: float = arg(0.95, "GAE λ")
     cliprange: float = arg(0.2, "PPO ratio clip ε")
@@ -133,53 +134,21 @@ def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     its own length, drawn from [response_min_len, response_max_len]. The LM head runs in fp32
     here as in phase 3 (value_head.py), so under --dtype bf16 too the tokens are drawn from π_old,
     up to the bf16 rounding of the transformer body (decoded with a KV cache here, packed there).
+    With --temperature, --top-k or --top-p they are drawn from μ, the processed logits, instead.
 
-    Returns: response_ids (B, T) right-padded; response_mask (B, T) bool.
+    Returns: response_ids (B, T) right-padded; response_mask (B, T) bool; sampler_logprobs (B, T),
+    log μ of each token, when sampled from processed logits or --is-correction asks, else None.
     """
     B, Q = query_ids.shape
     lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (B,))  # (B,)
+    recorder = SamplerLogprobs() if cfg.processed_sampling() or cfg.is_correction != "none" else None
     with torch.no_grad(), autocast(), distributed.gathered(policy):  # [fsdp] each unit gathered once, not per token
         generated = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(), max_new_tokens=int(lengths.max()),
+                                    logits_processor=sampling_processors(cfg, recorder),
                                     synced_gpus=False)  # (B, Q + T_gen); [fsdp] each rank stops at its own EOS  # fmt: skip
-    return cut_responses(generated[:, Q:], lengths, eos_id)
-
-
-def cut_responses(generated: torch.Tensor, lengths: torch.Tensor, eos_id: int):
-    """Cut each generated row at its own sampled length, or right after its first EOS.
-
-    `generate` samples every row up to the longest length asked for, and after a row's EOS fills
-    it with the pad id, which for GPT-2 is EOS again. So the mask is built from lengths, never
-    from `ids != pad_id`: that would drop a real EOS and keep nothing to tell pads apart. And the
-    response is what follows the query's Q columns, never the last `gen_len` tokens of the row,
-    which take query tokens when generation stopped early.
-
-        generated   r0  r1  EOS EOS EOS     asked length 4 → real length 3 (EOS included)
-        generated   r0  r1  r2  r3  r4      asked length 4 → real length 4
-
-    Args:
-        generated: (B, T_gen) tokens sampled after the query.
-        lengths: (B,) long, the response length asked for each row (≤ T_gen unless generation
-            stopped early because every row had ended).
-        eos_id: end-of-sequence token id (also written into the padding).
-
-    Returns:
-        response_ids: (B, T) right-padded with eos_id; T = the longest real length.
-        response_mask: (B, T) bool, True at real response tokens.
-    """
-    B, T_gen = generated.shape
-    is_eos = generated == eos_id  # (B, T_gen)
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), T_gen)  # (B,)
-    lengths = torch.minimum(lengths.to(generated.device), first_eos + 1).clamp(max=T_gen)  # (B,)
-    T = int(lengths.max())
-    response_mask = torch.arange(T, device=generated.device) < lengths[:, None]  # (B, T)
-    response_ids = torch.where(response_mask, generated[:, :T], eos_id)  # (B, T)
-    return response_ids, response_mask
-
-
-def decode_texts(tokenizer, ids, mask) -> list:
-    """Each row's real tokens as text, without padding or special tokens."""
-    ids, mask = ids.cpu(), mask.bool().cpu()  # one copy from the device, not one per row
-    return tokenizer.batch_decode([r[m].tolist() for r, m in zip(ids, mask)], skip_special_tokens=True)
+    response_ids, response_mask = cut_responses(generated[:, Q:], lengths, eos_id)
+    sampler_logprobs = recorder and recorder.logprobs(generated[:, Q:])[:, : response_ids.shape[1]]  # (B, T)
+    return response_ids, response_mask, sampler_logprobs
 
 
 # ------------------------------------------------------------------------------ one PPO step
@@ -191,13 +160,15 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
         gae    pg_loss + vf_coef · vf_loss    the critic (value head) learns beside the policy
         rloo   pg_loss                        no critic: the value head gets no gradient
         grpo   pg_loss + β · kl_loss          no critic; the KL to the reference is in the loss
+    (+ β · kl_loss for any estimator with --kl-in loss; the variants of config.ObjectiveConfig.)
 
     Args:
         policy, optimizer, cfg: as `main` builds them.
         batch: (B, ...) tensors: query_ids, query_mask, response_ids, response_mask, logprobs,
-            ref_logprobs, values, advantages, returns.
+            ref_logprobs, values, advantages, returns; is_weights with --is-correction, ref_logits
+            for the full KL in the loss.
         autocast: a function returning the autocast context (a no-op for fp32).
-        kl_loss_coef: β for GRPO's KL term in the loss; 0 leaves the term out.
+        kl_loss_coef: β for the KL term in the loss; 0 leaves the term out.
         minibatch_log: a list to append, per minibatch, the row indices, the new log-probs and
             values and the loss stats (for --explain); None keeps nothing.
 
@@ -206,22 +177,27 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
     """
     B = batch["response_ids"].shape[0]
     critic = cfg.advantage_estimator == "gae"
-    totals, n = {}, 0
-    policy.train()  # only --lora-dropout acts: value_head.py set the model's own dropout to 0
+    options, kl_kind, totals, n = cfg.loss_options(), cfg.kl_estimator(), {}, 0
+    policy.train()  # the transformer stays in eval mode: only --lora-dropout acts (value_head.py)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(B).to(batch["response_ids"].device)  # indices where the tensors are: no copy per tensor
         for j, idx in enumerate(order.split(cfg.mini_batch_size)):
             mb = {k: v[idx] for k, v in batch.items()}
             with autocast():
-                logprobs, vpred, _, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"], mb["response_ids"],
-                                                             mb["response_mask"], row_tokens=cfg.row_tokens)  # (b, T)
+                logprobs, vpred, logits, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"], mb["response_ids"],
+                                                                  mb["response_mask"], return_logits="ref_logits" in mb,
+                                                                  row_tokens=cfg.row_tokens)  # (b, T)  # fmt: skip
+            token_total = distributed.tokens_per_rank(mb["response_mask"])  # [ddp] token-mean over every rank's tokens
             pg_loss, vf_loss, stats = ppo_loss(
-                logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"],
-                mb["response_mask"], cfg.cliprange, cfg.cliprange_value,
+                logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"], mb["response_mask"],
+                cfg.cliprange, cfg.cliprange_value, **options, token_total=token_total, is_weights=mb.get("is_weights"),
             )  # fmt: skip
             loss = pg_loss + cfg.vf_coef * vf_loss if critic else pg_loss
-            if kl_loss_coef:  # GRPO
-                stats["kl_loss"] = k3_kl_loss(logprobs, mb["ref_logprobs"], mb["response_mask"])
+            if kl_loss_coef:  # the KL in the loss (GRPO's place), aggregated as the policy loss is
+                terms = kl_loss_terms(logprobs, mb["ref_logprobs"], mb["logprobs"], mb["response_mask"], kl_kind,
+                                      cfg.kl_ratio_weight, logits, mb.get("ref_logits"))  # (b, T)  # fmt: skip
+                stats["kl_loss"] = aggregate(terms, mb["response_mask"], options["loss_agg"], options["agg_constant"],
+                                             token_total)  # fmt: skip
                 loss = loss + kl_loss_coef * stats["kl_loss"]
             stats.update(pg_loss=pg_loss, vf_loss=vf_loss, loss=loss)
             stats = dict(zip(stats, torch.stack([v.detach() for v in stats.values()]).tolist()))  # one sync
@@ -263,7 +239,8 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     # 1. rollout: the policy continues every query, K times for rloo and grpo (tutorial: "The policy
     # generates an output"); the K responses to a prompt sit in consecutive rows
     query_ids, query_mask = query_ids.repeat_interleave(K, 0), query_mask.repeat_interleave(K, 0)  # (B, Q)
-    response_ids, response_mask = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
+    response_ids, response_mask, sampler_logprobs = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id,
+                                                            autocast)  # fmt: skip
     timer("rollout")
 
     # 2. score (tutorial: "The reward model calculates a reward for the output")
@@ -273,7 +250,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     timer("score")
 
     # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
-    full_kl = cfg.kl_kind == "full"  # only the exact KL needs the (B, T, V) logits
+    full_kl = cfg.kl_estimator() == "full"  # only the exact KL needs the (B, T, V) logits
     with torch.no_grad(), autocast(cache=False):  # each weight used once: no bf16 copies kept (loading.make_autocast)
         episodes = (query_ids, query_mask, response_ids, response_mask)
         logprobs, values, logits, entropy = batched_forward_pass(
@@ -284,13 +261,14 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         )  # (B, T), -, (B, T, V) or None
     timer("forward")
 
-    # 4. KL-shaped rewards (tutorial: "Compute rewards"); GRPO keeps β·KL out of them, for its loss
-    kl_coef = kl_ctl.value
-    reward_kl_coef = 0.0 if estimator == "grpo" else kl_coef
+    # 4. KL-shaped rewards (tutorial: "Compute rewards"); with the KL in the loss (GRPO's place) the
+    # rewards are the scores alone, and the KL logged and fed to β is k1's estimate
+    kl_coef, in_loss = kl_ctl.value, cfg.kl_placement() == "loss"
     rewards, non_score_reward, kl = kl_shaped_rewards(
-        scores, logprobs, ref_logprobs, response_mask, reward_kl_coef, cfg.kl_kind, logits, ref_logits,
-    )  # (B, T) each
-    del logits, ref_logits
+        scores, logprobs, ref_logprobs, response_mask, 0.0 if in_loss else kl_coef, "kl" if in_loss else cfg.kl_estimator(),
+        logits, ref_logits,
+    )  # (B, T) each  # fmt: skip
+    del logits
 
     # 5. GAE: advantages and returns, whitened over the batch; or, with no critic, from each group of K
     if estimator == "gae":
@@ -298,18 +276,26 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         advantages = masked_whiten(raw_advantages, response_mask, *distributed.global_mean_var(raw_advantages,
                                    response_mask))  # (B, T); [ddp] over every rank's tokens
     else:
-        raw_advantages, returns = GROUP_ESTIMATORS[estimator](rewards, response_mask, K)  # (B, T)
+        scale = cfg.group_scale()  # [ddp] the batch's std over every rank's responses
+        batch_std = distributed.global_std(sequence_rewards(rewards, response_mask)) if scale == "batch" else None
+        raw_advantages, returns = GROUP_ESTIMATORS[estimator](rewards, response_mask, K, scale, batch_std)  # (B, T)
         advantages = raw_advantages  # not whitened: see group_advantages.py
+    sampled = {} if sampler_logprobs is None else dict(sampler_logprobs=sampler_logprobs)
     with distributed.together():  # [ddp] NaN or inf on any rank stops every rank
         check_finite(response_mask, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                     rewards=rewards, advantages=advantages)  # fmt: skip
+                     rewards=rewards, advantages=advantages, **sampled)  # fmt: skip
 
     # 6. PPO epochs
     batch = dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
                  response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                  advantages=advantages, returns=returns)  # fmt: skip
+    if cfg.is_correction != "none":  # μ ≠ π_old: each token's policy gradient weighed (ppo_loss.is_weights)
+        batch["is_weights"] = is_weights(logprobs, sampler_logprobs, response_mask, cfg.is_correction, cfg.is_cap)
+    if in_loss and full_kl:
+        batch["ref_logits"] = ref_logits  # (B, T, V) for the exact KL in the loss
+    del ref_logits
     minibatches = [] if explain else None
-    kl_loss_coef = kl_coef if estimator == "grpo" else 0.0
+    kl_loss_coef = kl_coef if in_loss else 0.0
     train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, kl_loss_coef, minibatches)
     timer("update")
 
@@ -328,13 +314,14 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         "advantages_std": masked_var(raw_advantages, response_mask).sqrt(),
         "returns_mean": masked_mean(returns, response_mask),
         "explained_variance": explained_variance(values, returns, response_mask),
+        **(sampler_mismatch(logprobs, sampler_logprobs, response_mask, cfg.is_cap) if sampled else {}),
     }
     tensors = {k: v for k, v in stats.items() if torch.is_tensor(v)}
     stats.update(zip(tensors, torch.stack([v.float() for v in tensors.values()]).tolist()))
     stats["kl"] = distributed.mean({"kl": stats["kl"]})["kl"]  # [ddp] over every rank
     kl_ctl.update(stats["kl"], query_ids.shape[0] * distributed.world_size())
     record = {**stats, **train_stats, "time": dict(timer.times)}
-    trace = dict(texts=texts, scores=scores, kl=kl, rewards=rewards,
+    trace = dict(texts=texts, scores=scores, kl=kl, rewards=rewards, **sampled,
                  non_score_reward=non_score_reward, raw_advantages=raw_advantages,
                  kl_coef=kl_coef, kl_coef_after=kl_ctl.value, minibatches=minibatches, **batch)  # fmt: skip
     return record, trace
@@ -350,7 +337,7 @@ def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, au
     (a sharded model needs every rank to sample); rank 0 writes them."""
     with fork_rng(query_ids.device):
         torch.manual_seed(cfg.seed)
-        response_ids, response_mask = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
+        response_ids, response_mask, _ = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
     texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
     with distributed.together():  # [ddp]
         gold = gold_fn(texts).tolist() if gold_fn else None
@@ -466,7 +453,8 @@ def main(cfg: Config) -> list:
 
 
 HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "advantage_estimator": "PPO",
-               "lora_rank": "LoRA (lora.py)", "steps": "run"}  # fmt: skip
+               "lora_rank": "LoRA (lora.py)", "loss_agg": "variants of the objective (config.py, docs/objectives.md)",
+               "steps": "run"}  # fmt: skip
 
 
 def parse_args(argv=None) -> Config:

@@ -15,12 +15,31 @@ the tutorial calls it `old_policy`). Spread over the T response tokens:
 
 kl_t estimates the KL divergence contributed by token t. The estimators (`kind`):
 
-    kl    logπ − logρ                 unbiased for KL(π‖ρ) since the tokens were sampled from π;
-                                      a single token's value can be negative
+    kl    logπ − logρ                 Schulman's k1: unbiased for KL(π‖ρ) since the tokens were
+                                      sampled from π; a single token's value can be negative
     abs   |logπ − logρ|               never negative, biased
-    mse   ½ (logπ − logρ)²            never negative, biased; low variance when π ≈ ρ
+    mse   ½ (logπ − logρ)²            Schulman's k2: never negative, biased; low variance when π ≈ ρ
+    k3    ρ/π − log(ρ/π) − 1          Schulman's k3: never negative, unbiased for KL(π‖ρ)
     full  Σ_v π(v) (log π(v) − log ρ(v))   exact KL of the next-token distributions (needs both
                                       models' logits), never negative
+
+The KL can go in the reward, as here (Ziegler et al., InstructGPT, `--kl-in reward`), or in the
+loss as a term β · agg(kl_t) with gradient through π (`kl_loss_terms`, `--kl-in loss`: GRPO's
+place), optionally weighted by the importance ratio π/π_old, which is 1 in value at the first
+pass but not in gradient (DeepSeek-V3.2; TRL's `use_bias_correction_kl`). Which gradient each
+choice has in expectation over tokens sampled from π = π_old, on one categorical distribution
+(`test_kl_placements_have_the_gradients_the_table_gives` computes each exactly):
+
+    placement   estimator   weighted by π/π_old   expected gradient
+    reward      k1                                ∇ KL(π‖ρ)     (score function: E[k1 ∇log π])
+    reward      k2, k3, abs                       neither
+    loss        k1                                0             (E[∇log π] = 0)
+    loss        k1          yes                   ∇ KL(π‖ρ)
+    loss        k2                                ∇ KL(π‖ρ)
+    loss        k2          yes                   neither
+    loss        k3                                ∇ KL(ρ‖π)     (the GRPO paper's form)
+    loss        k3          yes                   ∇ KL(π‖ρ)     (GRPO's default here, and TRL's)
+    loss        full                              ∇ KL(π‖ρ)     (exact, at the sampled states)
 
 β (`kl_coef`) is either fixed or adapted after every batch so that the KL per sequence drifts to a
 target (Ziegler et al. 2019, §2.2):
@@ -34,12 +53,14 @@ References:
   [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2 and §2.2.
   [2] OpenAI lm-human-preferences `train_policy.py`: `non_score_reward`, `rewards`,
       `AdaptiveKLController`.
-  [3] J. Schulman, "Approximating KL divergence" (2020): the `kl`, `abs` and `mse` estimators.
+  [3] J. Schulman, "Approximating KL divergence" (2020): the k1, k2 and k3 estimators.
+  [4] DeepSeek-AI 2025, "DeepSeek-V3.2" (arXiv 2512.02556): k3 in the loss weighted by π/π_old.
+  [5] Shao et al. 2024, "DeepSeekMath", eq. 4: GRPO's k3 in the loss.
 """
 
 import torch
 
-KL_KINDS = ("kl", "abs", "mse", "full")
+KL_KINDS = ("kl", "abs", "mse", "k3", "full")
 
 
 def score_from_labels(output, label: str = "POSITIVE") -> float:
@@ -108,7 +129,7 @@ def kl_per_token(logprobs, ref_logprobs, kind: str = "kl", logits=None, ref_logi
     Args:
         logprobs: (B, T) log π of the sampled tokens.
         ref_logprobs: (B, T) log ρ of the same tokens.
-        kind: one of "kl", "abs", "mse", "full" (see the module docstring).
+        kind: one of "kl", "abs", "mse", "k3", "full" (see the module docstring).
         logits: (B, T, V) policy logits at the same positions; "full" only.
         ref_logits: (B, T, V) reference logits; "full" only.
 
@@ -122,6 +143,8 @@ def kl_per_token(logprobs, ref_logprobs, kind: str = "kl", logits=None, ref_logi
         return diff.abs()
     if kind == "mse":
         return 0.5 * diff.square()
+    if kind == "k3":
+        return torch.exp(-diff) - 1.0 + diff  # ρ/π − 1 − log(ρ/π)
     if kind == "full":
         if logits is None or ref_logits is None:
             raise ValueError('kind="full" needs logits and ref_logits')
@@ -129,6 +152,33 @@ def kl_per_token(logprobs, ref_logprobs, kind: str = "kl", logits=None, ref_logi
         ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)  # (B, T, V)
         return (logp.exp() * (logp - ref_logp)).sum(-1)  # (B, T)
     raise ValueError(f"unknown KL kind {kind!r}; choose one of {KL_KINDS}")
+
+
+def kl_loss_terms(logprobs, ref_logprobs, old_logprobs, response_mask, kind: str = "k3", ratio_weight: bool = True,
+                  logits=None, ref_logits=None):  # fmt: skip
+    """Per-token KL terms for the loss (`--kl-in loss`), with gradient through π.
+
+    kl_t = estimator(logπ_t, logρ_t), times π_t/π_old_t when `ratio_weight` (the ratio is 1 in
+    value at the first pass, but its gradient adds kl_t · ∇log π_t: module docstring's table).
+
+    Args:
+        logprobs: (B, T) log π under the current weights (with grad).
+        ref_logprobs: (B, T) log ρ of the same tokens.
+        old_logprobs: (B, T) log π_old, recorded at rollout.
+        response_mask: (B, T) bool, True at real response tokens.
+        kind: the estimator, see `kl_per_token`.
+        ratio_weight: weigh each term by π/π_old.
+        logits, ref_logits: (B, T, V), for kind="full" only (logits with grad).
+
+    Returns:
+        terms: (B, T), 0 at padding, to be aggregated as the policy loss is.
+    """
+    mask = response_mask.bool()
+    # padding may hold anything: replaced before exp, so no inf or NaN reaches a gradient
+    logprobs, ref_logprobs, old_logprobs = (torch.where(mask, x, 0.0) for x in (logprobs, ref_logprobs, old_logprobs))
+    kl = kl_per_token(logprobs, ref_logprobs, kind, logits, ref_logits)  # (B, T)
+    kl = kl * torch.exp(logprobs - old_logprobs) if ratio_weight else kl  # (B, T)
+    return torch.where(mask, kl, 0.0)
 
 
 def kl_shaped_rewards(

@@ -35,12 +35,13 @@ import lora
 import ppo_loss
 import ppo_rlhf
 import report
+import sampling
 import reward_model
 import rewards
 import tiny
 import value_head
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
-from group_advantages import grpo_advantages, k3_kl_loss, rloo_advantages
+from group_advantages import grpo_advantages, rloo_advantages
 from logprobs import batched_forward_pass, entropy_from_logits, gather_logprobs
 from ppo_loss import ppo_loss as ppo_loss_fn
 from rewards import AdaptiveKLController, FixedKLController, kl_per_token, kl_shaped_rewards, score_from_labels
@@ -710,7 +711,7 @@ def test_bf16_rollout_samples_from_the_pi_old_of_phase_3():
         with torch.no_grad(), bf16():
             out = generate(input_ids=q_ids, attention_mask=q_mask.long(), max_new_tokens=8, output_logits=True,
                            return_dict_in_generate=True)  # fmt: skip
-            r_ids, r_mask = ppo_rlhf.cut_responses(out.sequences[:, q_ids.shape[1] :], torch.full((16,), 8), 0)
+            r_ids, r_mask = sampling.cut_responses(out.sequences[:, q_ids.shape[1] :], torch.full((16,), 8), 0)
             _, _, logits, _ = batched_forward_pass(policy, q_ids, q_mask, r_ids, r_mask, return_logits=True)
         assert logits[r_mask].mean() < -95  # GPT-2-sized logits
         sampled = torch.stack(out.logits, 1)[:, : r_ids.shape[1]].float().log_softmax(-1)  # (B, T, V)
@@ -923,12 +924,18 @@ def test_grpo_matches_a_slow_loop_with_zero_mean_and_unit_std_per_group():
     K = 4
     rewards, mask, R = group_case(K)
     adv, _ = grpo_advantages(rewards, mask, K)
-    plain, _ = grpo_advantages(rewards, mask, K, scale_by_std=False)  # Dr. GRPO
+    plain, _ = grpo_advantages(rewards, mask, K, scale="none")  # Dr. GRPO
+    batch, _ = grpo_advantages(rewards, mask, K, scale="batch")  # TRL scale_rewards="batch"
+    rloo_group, _ = rloo_advantages(rewards, mask, K, scale="group")
     for i in range(len(R)):
         group = R[i // K * K : i // K * K + K]
         mean, std = statistics.mean(group), statistics.stdev(group)  # stdev: N − 1, as the docstring says
         assert torch.allclose(adv[i][mask[i]], torch.tensor((R[i] - mean) / (std + 1e-6), dtype=torch.float64))
         assert torch.allclose(plain[i][mask[i]], torch.tensor(R[i] - mean, dtype=torch.float64))
+        scaled = (R[i] - mean) / (statistics.stdev(R) + 1e-6)
+        assert torch.allclose(batch[i][mask[i]], torch.tensor(scaled, dtype=torch.float64))
+        loo = R[i] - (sum(group) - R[i]) / (K - 1)
+        assert torch.allclose(rloo_group[i][mask[i]], torch.tensor(loo / (std + 1e-6), dtype=torch.float64))
     A = adv[:, 0].view(-1, K)
     assert A.mean(1).abs().max() < 1e-12 and (A.std(1) - 1).abs().max() < 1e-5
 
@@ -955,15 +962,56 @@ def test_group_estimators_refuse_groups_that_do_not_fit():
 def test_k3_kl_loss_is_zero_when_policy_is_reference_and_positive_otherwise():
     lp = -torch.rand(3, 4)
     mask = ragged_mask([4, 2, 3], 4)
-    assert k3_kl_loss(lp, lp.clone(), mask).item() == 0.0  # exp(0) − 0 − 1, the same numbers
+    k3 = lambda logp, ref: ppo_loss.aggregate(rewards.kl_loss_terms(logp, ref, logp.detach(), mask, "k3", False), mask)  # noqa: E731
+    assert k3(lp, lp.clone()).item() == 0.0  # exp(0) − 0 − 1, the same numbers
     ref = lp + 0.5 * torch.randn(3, 4)
     ref[~mask] = float("nan")  # padding is never read
     d = (ref - lp)[mask]
     expected = (d.exp() - d - 1).mean()  # hand formula: ρ/π − log ρ/π − 1
-    loss = k3_kl_loss(lp.requires_grad_(), ref, mask)
+    loss = k3(lp.requires_grad_(), ref)
     assert loss.item() > 0 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
     assert torch.equal(lp.grad[~mask], torch.zeros((~mask).sum()))
+
+
+def test_kl_placements_have_the_gradients_the_table_gives():
+    """rewards.py's table, by exact enumeration on one categorical distribution π = softmax(θ) over
+    5 tokens and a fixed ρ: the expected gradient Σ_x π(x) g(x) of each placement, estimator and
+    weighting, in float64, against ∇KL(π‖ρ), ∇KL(ρ‖π) and 0. In the reward, g(x) = kl(x) ∇log π(x)
+    (the score-function gradient of β·E[kl]); in the loss, g(x) = ∇ of rewards.kl_loss_terms."""
+    torch.manual_seed(0)
+    theta, log_rho = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64).log_softmax(0)
+    theta.requires_grad_()
+
+    def grad(f):
+        return torch.autograd.grad(f(), theta)[0]
+
+    logp = lambda: theta.log_softmax(0)  # noqa: E731
+    forward = grad(lambda: (logp().exp() * (logp() - log_rho)).sum())  # ∇ KL(π‖ρ)
+    reverse = grad(lambda: (log_rho.exp() * (log_rho - logp())).sum())  # ∇ KL(ρ‖π)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    logits = lambda: theta.expand(1, 5, 5)  # noqa: E731  the same distribution at every "token"
+    ref_logits = log_rho.expand(1, 5, 5)
+
+    def expected(placement, kind, weighted):
+        def objective():
+            lp, pi = logp()[None], logp().exp().detach()[None]  # (1, 5): token x at column x
+            if placement == "reward":
+                kl = rewards.kl_per_token(lp, log_rho[None], kind, logits(), ref_logits).detach()
+                return (pi * kl * lp).sum()
+            terms = rewards.kl_loss_terms(lp, log_rho[None], lp.detach(), mask, kind, weighted, logits(), ref_logits)
+            return (pi * terms).sum()
+
+        g = grad(objective)
+        close = lambda a: torch.allclose(g, a, atol=1e-12)  # noqa: E731
+        return "KL(π‖ρ)" if close(forward) else "KL(ρ‖π)" if close(reverse) else "0" if close(0 * g) else "neither"
+
+    table = {("reward", "kl", False): "KL(π‖ρ)", ("reward", "mse", False): "neither", ("reward", "k3", False): "neither",
+             ("reward", "abs", False): "neither", ("loss", "kl", False): "0", ("loss", "kl", True): "KL(π‖ρ)",
+             ("loss", "mse", False): "KL(π‖ρ)", ("loss", "mse", True): "neither", ("loss", "k3", False): "KL(ρ‖π)",
+             ("loss", "k3", True): "KL(π‖ρ)", ("loss", "full", False): "KL(π‖ρ)"}  # fmt: skip
+    assert {key: expected(*key) for key in table} == table
+    assert not torch.allclose(forward, reverse)  # the two targets differ here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1036,6 +1084,125 @@ def test_masked_positions_get_exactly_zero_gradient():
     assert torch.equal(logprobs.grad[~mask], torch.zeros((~mask).sum()))
     assert torch.equal(vpred.grad[~mask], torch.zeros((~mask).sum()))
     assert logprobs.grad[mask].abs().sum() > 0 and vpred.grad[mask].abs().sum() > 0
+
+
+def test_each_loss_aggregation_is_its_formula_on_a_ragged_batch():
+    """ppo_loss.aggregate against the sums written out response by response: token-mean (DAPO),
+    seq-mean-token-mean (the GRPO paper), seq-mean-token-sum-norm (Dr. GRPO, C = 15); and a long
+    response weighs more than a short one under the first only."""
+    torch.manual_seed(0)
+    lengths = [6, 1, 3, 4]
+    mask, losses = ragged_mask(lengths, 6), torch.randn(4, 6, dtype=torch.float64)
+    rows = [losses[i, :n].tolist() for i, n in enumerate(lengths)]
+    N, B, C = sum(lengths), len(lengths), 15.0
+    assert ppo_loss.aggregate(losses, mask).item() == pytest.approx(sum(map(sum, rows)) / N, rel=1e-12)
+    assert ppo_loss.aggregate(losses, mask, "seq-mean-token-mean").item() == pytest.approx(
+        sum(sum(r) / len(r) for r in rows) / B, rel=1e-12)  # fmt: skip
+    assert ppo_loss.aggregate(losses, mask, "seq-mean-token-sum-norm", C).item() == pytest.approx(
+        sum(map(sum, rows)) / (B * C), rel=1e-12)  # fmt: skip
+    assert ppo_loss.aggregate(losses, mask, "token-mean", token_total=torch.tensor(20.0)).item() == pytest.approx(
+        sum(map(sum, rows)) / 20, rel=1e-12)  # fmt: skip
+    ones = torch.ones(4, 6, dtype=torch.float64, requires_grad=True)  # each token's weight = its gradient
+    weights = {mode: torch.autograd.grad(ppo_loss.aggregate(ones, mask, mode, C), ones)[0] for mode in ppo_loss.LOSS_AGGS}
+    assert weights["token-mean"][0, 0] == weights["token-mean"][1, 0] == 1 / N  # every token alike
+    assert weights["seq-mean-token-mean"][1, 0] == 6 * weights["seq-mean-token-mean"][0, 0]  # a short one's weigh more
+    assert torch.equal(weights["seq-mean-token-sum-norm"][mask], torch.full((N,), 1 / (B * C), dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        ppo_loss.aggregate(losses, mask, "sum")
+
+
+def one_token_loss(ratio, advantage, **options):
+    """pg_loss and d pg_loss / d logπ of one token whose ratio π/π_old is `ratio`."""
+    logprob = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
+    zero, one = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool)
+    pg, _, stats = ppo_loss_fn(logprob, zero, zero, zero, torch.full((1, 1), float(advantage), dtype=torch.float64),
+                               zero, one, 0.2, 0.2, **options)  # fmt: skip
+    return pg.item(), torch.autograd.grad(pg, logprob)[0].item(), stats
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, options, loss, moves",
+    [
+        (1.25, 1, {}, -1.2, False),  # plain clipping: past 1 + ε, no gradient
+        (1.25, 1, dict(cliprange_high=0.28), -1.25, True),  # clip-higher: still moving up to 1 + ε_high
+        (1.30, 1, dict(cliprange_high=0.28), -1.28, False),
+        (0.75, -1, dict(cliprange_high=0.28), 0.8, False),  # the lower side keeps ε
+        (2.00, -1, dict(dual_clip=3.0), 2.0, True),  # A < 0, ratio below c: pushed down as in plain PPO
+        (4.00, -1, dict(dual_clip=3.0), 3.0, False),  # ratio past c: the loss is capped at −A·c, no gradient
+        (4.00, -1, {}, 4.0, True),  # without dual-clip the same token is pushed down, without bound
+        (4.00, 1, dict(dual_clip=3.0), -1.2, False),  # A > 0: dual-clip does nothing
+    ],
+)
+def test_clip_variants_are_their_formulas_with_no_gradient_exactly_where_clipped(ratio, advantage, options, loss,
+                                                                                  moves):  # fmt: skip
+    value, gradient, _ = one_token_loss(ratio, advantage, **options)
+    assert value == pytest.approx(loss, rel=1e-12)
+    assert (gradient != 0.0) == moves and (moves or gradient == 0.0)
+
+
+def test_the_sequence_ratio_is_gspos_geometric_mean_on_every_token():
+    """--ratio-level sequence: s_i = exp(mean_t log(π/π_old)) over response i's real tokens, the same
+    clipped surrogate on each token; padding takes no part (TRL's importance_sampling_level)."""
+    mask = ragged_mask([3, 1], 3)
+    logprobs = torch.tensor([[0.1, -0.05, 0.3], [0.02, 9.0, 9.0]], dtype=torch.float64, requires_grad=True)
+    A = torch.tensor([[1.0] * 3, [-2.0] * 3], dtype=torch.float64)
+    zero = torch.zeros(2, 3, dtype=torch.float64)
+    pg, _, _ = ppo_loss_fn(logprobs, zero, zero, zero, A, zero, mask, 0.2, 0.2, ratio_level="sequence",
+                           loss_agg="seq-mean-token-mean")  # fmt: skip
+    s0, s1 = math.exp((0.1 - 0.05 + 0.3) / 3), math.exp(0.02)
+    per = [max(-1 * s0, -1 * min(max(s0, 0.8), 1.2)), max(2 * s1, 2 * min(max(s1, 0.8), 1.2))]
+    assert pg.item() == pytest.approx(sum(per) / 2, rel=1e-12)
+    pg.backward()
+    assert logprobs.grad[1, 1:].abs().sum() == 0  # padding
+    assert torch.allclose(logprobs.grad[0], logprobs.grad[0, :1].expand(3))  # one ratio: each token's share alike
+
+
+def test_is_weights_and_the_sampler_mismatch_are_their_formulas():
+    """tis: min(π_old/μ, C) per token; seq-mask: the response's product of ratios, or 0 past C (TRL's
+    sequence_mask); the logged mismatch: mean log μ/π_old, the largest ratio, the share past C."""
+    mask = ragged_mask([3, 2], 3)
+    old = torch.tensor([[-1.0, -0.5, -2.0], [-0.1, -0.2, 0.0]])
+    mu = torch.tensor([[-1.2, -0.5, -3.0], [-0.3, -0.9, 5.0]])  # ratios e^0.2, 1, e^1; e^0.2, e^0.7
+    tis = ppo_loss.is_weights(old, mu, mask, "tis", 2.0)
+    assert torch.allclose(tis, torch.tensor([[math.exp(0.2), 1.0, 2.0], [math.exp(0.2), 2.0, 0.0]]))
+    masked = ppo_loss.is_weights(old, mu, mask, "seq-mask", 3.0)  # products e^1.2 (past 3) and e^0.9
+    assert torch.allclose(masked, torch.tensor([[0.0, 0.0, 0.0], [math.exp(0.9)] * 2 + [0.0]]))
+    m = ppo_loss.sampler_mismatch(old, mu, mask, 2.0)
+    assert m["sampler_kl"].item() == pytest.approx(-(0.2 + 0 + 1 + 0.2 + 0.7) / 5, rel=1e-6)
+    assert m["sampler_ratio_max"].item() == pytest.approx(math.e, rel=1e-6)
+    assert m["sampler_past_cap"].item() == pytest.approx(2 / 5)  # e^1 and e^0.7 are past 2
+
+
+def test_the_sampler_log_probs_are_those_of_the_processed_distribution(lm):
+    """--temperature 0.7 --top-k 40 --top-p 0.8: what sampling.SamplerLogprobs records during
+    `generate` equals log μ recomputed from the policy's logits by hand (÷ T, the 40 likeliest,
+    the smallest set holding 0.8 of the mass, renormalized), token by token; with pure sampling it
+    is log π_old itself."""
+    from types import SimpleNamespace
+
+    policy = CausalLMWithValueHead(lm)
+    policy.lm.generation_config = loading.pure_sampling(TOKENIZER)
+    queries = padded_batch([[5, 6, 7], [9, 10], [11, 12, 13, 14]], [[0]] * 3)[:2]  # left-padded queries
+    for temperature, top_k, top_p in ((0.7, 40, 0.8), (1.0, 0, 1.0)):
+        cfg = SimpleNamespace(temperature=temperature, top_k=top_k, top_p=top_p)
+        recorder = sampling.SamplerLogprobs()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = policy.generate(input_ids=queries[0], attention_mask=queries[1].long(), max_new_tokens=6,
+                                  logits_processor=sampling.sampling_processors(cfg, recorder))  # fmt: skip
+        Q = queries[0].shape[1]
+        response, mask = sampling.cut_responses(out[:, Q:], torch.full((3,), 6), 0)  # (B, T): pads after an EOS cut
+        recorded = recorder.logprobs(out[:, Q:])[:, : response.shape[1]]  # (B, T)
+        with torch.no_grad():
+            logits = batched_forward_pass(policy, *queries, response, mask, return_logits=True).logits / temperature
+        if top_k:
+            logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[..., -1:], float("-inf"))
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        outside = probs.cumsum(-1) - probs >= top_p  # tokens after the set that first holds top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+        expected = gather_logprobs(logits, response)  # (B, T)
+        assert torch.isfinite(recorded[mask]).all()
+        assert_close_scaled(recorded[mask], expected[mask], logits[logits.isfinite()].abs().max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1162,7 +1329,7 @@ def test_cut_responses_lengths_and_early_eos():
             [5, 6, 7, 8, eos],  # EOS at 5, asked 4 → 4 (cut before the EOS)
         ]
     )
-    ids, mask = ppo_rlhf.cut_responses(generated, torch.tensor([3, 5, 4, 4]), eos)
+    ids, mask = sampling.cut_responses(generated, torch.tensor([3, 5, 4, 4]), eos)
     assert mask.sum(1).tolist() == [3, 2, 1, 4]
     assert ids.tolist() == [[5, 6, 7, eos], [5, eos, eos, eos], [eos, eos, eos, eos], [5, 6, 7, 8]]
 
@@ -1208,7 +1375,7 @@ def test_generation_samples_from_the_distribution_ppo_scores(lm, attn):
     )  # fmt: skip
     generated = out.sequences[:, q_ids.shape[1] :]
     sampled_with = gather_logprobs(torch.stack(out.logits, 1), generated)  # (B, 6)
-    r_ids, r_mask = ppo_rlhf.cut_responses(generated, torch.tensor([6, 6, 6]), TOKENIZER.eos_token_id)
+    r_ids, r_mask = sampling.cut_responses(generated, torch.tensor([6, 6, 6]), TOKENIZER.eos_token_id)
     with torch.no_grad():
         recomputed, _, _, _ = batched_forward_pass(policy, q_ids, q_mask, r_ids, r_mask)
     T = r_ids.shape[1]
@@ -1854,7 +2021,16 @@ def local_args(world, out, *extra):
         (["--batch-size", "-8"], "--batch-size must be positive"),
         (["--response-min-len", "0"], "--response-min-len must be positive"),
         (["--cliprange", "-0.1"], "--cliprange must not be negative"),
-        (["--kl-kind", "kl2"], "choose one of kl, abs, mse, full"),
+        (["--kl-kind", "kl2"], "choose one of auto, kl, abs, mse, k3, full"),
+        (["--loss-agg", "sum"], "choose one of token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"),
+        (["--kl-in", "advantage"], "choose one of auto, reward, loss"),
+        (["--is-correction", "icepop"], "choose one of none, tis, seq-mask"),
+        (["--top-p", "0"], "--top-p in (0, 1]"),
+        (["--temperature", "0"], "--temperature must be above 0"),
+        (["--is-cap", "0.5"], "--is-cap must be above 1"),
+        (["--dual-clip", "1.1"], "must be above 1 + --cliprange (1.2)"),
+        (["--scale-rewards", "batch"], "--scale-rewards scales the group estimators' advantages"),
+        (["--ratio-level", "sequence"], "use --advantage-estimator rloo or grpo"),
         (["--device", "gpu"], "use auto, cpu, cuda, cuda:N or mps"),
         (["--device", "xpu"], "this code runs on cpu, cuda or mps, not on xpu"),
         (["--device", "meta"], "this code runs on cpu, cuda or mps, not on meta"),
@@ -2277,7 +2453,27 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _two_rank_worker(rank, port, x, mask, out_dir):
+def objective_case():
+    """A ragged float64 minibatch of 4 responses, 11 tokens in the first two rows and 3 in the others."""
+    torch.manual_seed(3)
+    mask = ragged_mask([6, 5, 1, 2], 6)
+    return dict(logprobs=-torch.rand(4, 6, dtype=torch.float64), old=-torch.rand(4, 6, dtype=torch.float64),
+                advantages=torch.randn(4, 6, dtype=torch.float64), mask=mask)  # fmt: skip
+
+
+def objective_losses(case, rows, token_total=None):
+    """{mode: (pg_loss, its gradient per token)} of ppo_loss on `rows` of `case`, for every aggregation."""
+    out = {}
+    for mode in ppo_loss.LOSS_AGGS:
+        logprobs = case["logprobs"][rows].clone().requires_grad_()
+        zero = torch.zeros_like(logprobs)
+        pg, _, _ = ppo_loss_fn(logprobs, zero, case["old"][rows], zero, case["advantages"][rows], zero, case["mask"][rows],
+                               0.2, 0.2, loss_agg=mode, agg_constant=6.0, token_total=token_total)  # fmt: skip
+        out[mode] = (pg.detach(), torch.autograd.grad(pg, logprobs)[0])
+    return out
+
+
+def _two_rank_worker(rank, port, x, mask, case, out_dir):
     import torch.distributed as dist
 
     import distributed
@@ -2286,23 +2482,39 @@ def _two_rank_worker(rank, port, x, mask, out_dir):
     half = slice(rank * 2, rank * 2 + 2)  # each rank holds two of the four rows
     white = masked_whiten(x[half], mask[half], *distributed.global_mean_var(x[half], mask[half]))
     stats = distributed.mean({"kl": float(rank + 1), "step": 7, "note": "kept"})
-    torch.save(dict(white=white, stats=stats), os.path.join(out_dir, f"rank{rank}.pt"))
+    losses = objective_losses(case, half, distributed.tokens_per_rank(case["mask"][half]))
+    std = distributed.global_std(case["advantages"][half, 0])
+    torch.save(dict(white=white, stats=stats, losses=losses, std=std), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_global_whitening_and_means_equal_one_process_over_both_shards(tmp_path):
-    """Two gloo ranks, each with half the batch, whiten exactly as one process with all of it."""
+    """Two gloo ranks, each with half the batch, whiten exactly as one process with all of it. And
+    every loss aggregation, averaged over the ranks as DDP averages gradients, is the one process's
+    over both halves (verl PR 5366), though the ranks hold 11 and 3 tokens: token-mean through
+    `distributed.tokens_per_rank` (each rank's own count would weigh rank 1's tokens 11/3 times
+    more); the batch std of --scale-rewards batch likewise."""
     import torch.multiprocessing as mp
 
     torch.manual_seed(0)
     x, mask = torch.randn(4, 6) * 3 + 1, ragged_mask([6, 2, 5, 3], 6)  # the ranks hold 8 and 8 tokens
-    mp.spawn(_two_rank_worker, args=(free_port(), x, mask, str(tmp_path)), nprocs=2)
+    case = objective_case()
+    mp.spawn(_two_rank_worker, args=(free_port(), x, mask, case, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # float64 sums over two ranks vs float32 sums in one: up to rounding of the values over their std
     kept = x[mask]
     white = torch.cat([r["white"] for r in ranks])
     assert_close_scaled(white, masked_whiten(x, mask), kept.abs().max() / kept.std(unbiased=False))
     assert ranks[0]["stats"] == ranks[1]["stats"] == {"kl": 1.5, "step": 7, "note": "kept"}  # floats averaged
+    alone = objective_losses(case, slice(0, 4))
+    for mode, (loss, gradient) in alone.items():
+        averaged = (ranks[0]["losses"][mode][0] + ranks[1]["losses"][mode][0]) / 2
+        assert averaged.item() == pytest.approx(loss.item(), rel=1e-12), mode
+        shards = torch.cat([r["losses"][mode][1] for r in ranks]) / 2  # the gradient DDP's average gives each token
+        assert torch.allclose(shards, gradient, rtol=1e-12, atol=1e-15), mode
+    local = [objective_losses(case, slice(r * 2, r * 2 + 2))["token-mean"][0] for r in (0, 1)]
+    assert abs((local[0] + local[1]).item() / 2 - alone["token-mean"][0].item()) > 1e-3  # each rank's own count
+    assert ranks[0]["std"].item() == pytest.approx(case["advantages"][:, 0].std().item(), rel=1e-6)
 
 
 def test_each_attempt_gets_a_store_prefix_of_its_own_despite_a_dead_attempts_keys():
