@@ -1944,6 +1944,25 @@ def test_the_committed_frontier_has_six_methods_three_settings_three_seeds(tmp_p
 
 
 @slow
+def test_the_committed_objectives_tables_hold_every_setting_and_the_trl_gap(tmp_path, capsys):
+    """docs/objectives.md's numbers come from docs/objectives.json (`python objectives.py`): every
+    setting of every table on seeds 0-2, the TRL gap on seeds 0-5; `--tables` prints them again
+    and redraws. The GRPO default reaches TRL's last-5 score within 0.1, at the fluency of TRL's."""
+    import objectives
+
+    results = objectives.main(["--tables", "--results", os.path.join(HERE, "docs", "objectives.json"),
+                               "--picture", str(tmp_path / "objectives.png")])  # fmt: skip
+    assert (tmp_path / "objectives.png").stat().st_size > 0
+    for table, rows in objectives.TABLES.items():
+        assert [name for name, _ in rows] == list(results["tables"][table]), table
+        assert all(sorted(p["seed"] for p in points) == [0, 1, 2] for points in results["tables"][table].values())
+    trl = {name: [p["score_last"] for p in points] for name, points in results["trl"].items()}
+    ours, theirs = trl["ours: k3 × π/π_old (default)"], trl["TRL GRPOTrainer (use_bias_correction_kl)"]
+    assert len(ours) == len(theirs) == 6 and abs(sum(ours) / 6 - sum(theirs) / 6) < 0.1
+    printed = capsys.readouterr().out
+    assert printed.count("\n| ") >= sum(len(r) for r in objectives.TABLES.values()) + 3
+
+
 def test_the_normalized_judge_is_centred_and_scaled_on_the_starting_policys_answers(world):
     """tiny.JUDGE_MEAN and JUDGE_STD, measured again on 512 fresh answers of the world's policy:
     the normalized judge has mean about 0 and std about 1 there, as step 2's reward model has."""
