@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     cfg.validate()
     loading.seed_everything(args.seed)
     policy, tokenizer, score_fn, cls_blocks = build(args.shape, device, cfg, args.attn)
-    ref_model, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, cfg)
+    ref_model, optimizer, kl_ctl = ppo_rlhf.prepare_training(policy, cfg, device)
     autocast = ppo_rlhf.make_autocast(device, cfg.dtype)
     eos = tokenizer.eos_token_id
     if device.type == "cuda":

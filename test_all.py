@@ -1350,7 +1350,7 @@ def test_batched_rollout_gives_asked_lengths_and_masks():
     torch.manual_seed(0)
     lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (8,))
     torch.manual_seed(0)
-    r_ids, r_mask = ppo_rlhf.rollout(policy, q_ids, q_mask, cfg, eos, contextlib.nullcontext)
+    r_ids, r_mask, _ = ppo_rlhf.rollout(policy, q_ids, q_mask, cfg, eos, contextlib.nullcontext)
     n = r_mask.sum(1)
     for i in range(8):
         row = r_ids[i, : n[i]].tolist()
@@ -2612,7 +2612,7 @@ def _fsdp_sampling_worker(rank, port, out_dir):
     policy.lm.transformer.h[0].register_forward_hook(lambda *args: forwards.append(1))
     cfg = ppo_rlhf.tiny_config(response_min_len=30, response_max_len=30)
     queries = [[5, 6, 7], [9, 10]]
-    response_ids, response_mask = ppo_rlhf.rollout(policy, *loading.left_pad(queries, 0, torch.device("cpu")), cfg, 7 if rank == 0 else 8,
+    response_ids, response_mask, _ = ppo_rlhf.rollout(policy, *loading.left_pad(queries, 0, torch.device("cpu")), cfg, 7 if rank == 0 else 8,
                                                    contextlib.nullcontext)  # fmt: skip
     rollout_forwards = len(forwards)
     responses, _ = pairs.sample_responses(policy, TOKENIZER, queries, cfg, torch.device("cpu"), per_prompt=2)
