@@ -98,8 +98,8 @@ def build(shape: str, device, cfg, attn: str = ""):
     return policy, tokenizer, score_fn, cls_blocks
 
 
-def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> float:
-    """Matmul FLOPs of one iteration, from the shapes the iteration actually had."""
+def phase_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> dict:
+    """Matmul FLOPs of each phase of one iteration, from the shapes the iteration actually had."""
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # inside peft's wrapper (LoRA)
     blocks = sum(p.numel() for n, p in lm.base_model.h.named_parameters() if "lora_" not in n)  # per-position weights
     head = lm.get_output_embeddings().weight.numel()  # V · H
@@ -107,13 +107,85 @@ def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> float:
     T = trace["response_ids"].shape[1]
     N = int(trace["query_mask"].sum() + trace["response_mask"].sum())  # real tokens, packed
     K = int(trace["response_mask"].sum())  # real response tokens
-    # generate: the padded batch, prefill then one position per new token; LM head once per token
-    generate = 2 * B * (blocks * (Q + T) + head * (T + 1))
     one_pass = 2 * (blocks * N + head * K)  # packed: real tokens only, LM head on K positions
-    score = 2 * B * cls_blocks * (Q + T + 2)  # the classifier reads the decoded text (+ CLS, SEP)
-    forward = 2 * one_pass  # policy and reference
-    update = ppo_epochs * 3 * one_pass  # forward + backward (2 ×)
-    return generate + score + forward + update
+    return dict(
+        rollout=2 * B * (blocks * (Q + T) + head * (T + 1)),  # the padded batch, prefill then one position per token
+        score=2 * B * cls_blocks * (Q + T + 2),  # the classifier reads the decoded text (+ CLS, SEP)
+        forward=2 * one_pass,  # policy and reference
+        update=ppo_epochs * 3 * one_pass,  # forward + backward (2 ×)
+    )  # fmt: skip
+
+
+def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> float:
+    """Matmul FLOPs of one iteration (`phase_flops`, summed)."""
+    return sum(phase_flops(lm, cls_blocks, trace, ppo_epochs).values())
+
+
+# --profile: torch's op names by the kind of work they do; the LM head's matmuls are told apart by
+# the vocabulary in their shapes
+OP_KINDS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkldnn", "aten::linear",
+                       "aten::matmul"),
+            "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+            "casts": ("aten::to", "aten::_to_copy", "aten::copy_"),
+            "optimizer": ("aten::_fused_adam", "Optimizer."),
+            "softmax": ("aten::_log_softmax", "aten::_softmax", "aten::logsumexp", "aten::log_softmax",
+                        "aten::softmax")}  # fmt: skip
+
+
+def op_kind(event, vocab: int) -> str:
+    for kind, prefixes in OP_KINDS.items():
+        if event.name.startswith(prefixes):
+            if kind == "matmul" and any(vocab in shape for shape in (event.input_shapes or [])):
+                return "LM head"
+            return kind
+    return "other ops"
+
+
+def profile_iteration(step, score_fn, vocab: int) -> dict:
+    """{phase: {kind: seconds}} of one call of `step(score_fn)`, under torch.profiler: each phase is
+    the time inside ppo_rlhf's own phase functions and the scorer (marked here by wrapping them), each op's own
+    time (without its children's) counted once, in the phase during which it started; what no op
+    accounts for (Python, the host's waits) is "outside ops"."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    inside = {"update": False}
+
+    def marked(name, fn, flag=None):
+        def wrapper(*args, **kwargs):
+            if name == "forward" and inside["update"]:
+                return fn(*args, **kwargs)
+            with record_function(f"phase:{name}"):
+                if flag:
+                    inside["update"] = True
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    inside["update"] = False if flag else inside["update"]
+        return wrapper
+
+    saved = {k: getattr(ppo_rlhf, k) for k in ("rollout", "batched_forward_pass", "ppo_update", "decode_texts")}
+    ppo_rlhf.rollout, ppo_rlhf.ppo_update = marked("rollout", saved["rollout"]), marked("update", saved["ppo_update"], True)
+    ppo_rlhf.batched_forward_pass = marked("forward", saved["batched_forward_pass"])
+    ppo_rlhf.decode_texts = marked("score", saved["decode_texts"])  # decoding the texts, then scoring them
+    try:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step(marked("score", score_fn))
+    finally:
+        for k, v in saved.items():
+            setattr(ppo_rlhf, k, v)
+    events = prof.events()
+    phases = sorted((e.time_range.start, e.time_range.end, e.name[6:]) for e in events if e.name.startswith("phase:"))
+    table = {}
+    for start, end, name in phases:
+        row = table.setdefault(name, {"total": 0.0})
+        row["total"] += (end - start) / 1e6
+        for e in events:
+            if start <= e.time_range.start < end and not e.name.startswith("phase:"):
+                kind = op_kind(e, vocab)
+                row[kind] = row.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+    for row in table.values():
+        row["outside ops"] = max(row["total"] - sum(v for k, v in row.items() if k != "total"), 0.0)
+    return table
 
 
 def matmul_peak(device, dtype) -> float:
@@ -196,6 +268,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA α; 0 = 2 × rank")
     parser.add_argument("--row-tokens", type=int, default=ROW_TOKENS,
                         help="longest packed row of phase 3 and the update (logprobs.py); 0: one row per batch")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one more iteration (torch.profiler): its time by phase and by kind of op")
     parser.add_argument("--memory-table", action="store_true",
                         help="print the bytes per GPU of PPO's training state, DDP and FSDP (distributed.memory_plan), and stop")
     args = parser.parse_args(argv)
@@ -219,20 +293,25 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    rows = []
-    for i in range(args.warmup + args.iters):
+    rows, last = [], {}
+
+    def run_iteration(score=score_fn):
         prompts = cfg.batch_size // cfg.responses_per_prompt  # ppo_step samples K responses to each
         lengths = torch.randint(cfg.query_min_len, cfg.query_max_len + 1, (prompts,)).tolist()
         ids = [torch.randint(0, len(tokenizer) - 1, (n,)) for n in lengths]
         queries = [(q + (q >= eos)).tolist() for q in ids]  # random tokens other than EOS
         query_ids, query_mask = loading.left_pad(queries, tokenizer.pad_token_id, device)
-        start = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # the pipeline's one-time advice on batching
-            record, trace = ppo_rlhf.ppo_step(
-                policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast
+            last["record"], last["trace"] = ppo_rlhf.ppo_step(
+                policy, ref_model, optimizer, kl_ctl, tokenizer, score, query_ids, query_mask, cfg, autocast
             )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return last["record"], last["trace"]
+
+    for i in range(args.warmup + args.iters):
+        start = time.perf_counter()
+        record, trace = run_iteration()
         seconds = time.perf_counter() - start
         tokens = int(trace["query_mask"].sum() + trace["response_mask"].sum())
         if i >= args.warmup:
@@ -269,6 +348,17 @@ def main(argv=None) -> dict:
           f"{result['iteration_tflop']:.3f} TFLOP/iteration at {result['achieved_gflops']:.1f} GFLOP/s = "
           f"{result['share_of_peak']:.1%} of a {result['matmul_peak_gflops']:.0f} GFLOP/s matmul peak; "
           f"peak memory {memory_gb:.2f} GiB; {result['trainable_params']:,} trainable parameters")  # fmt: skip
+    if args.profile:
+        result["profile"] = profile_iteration(run_iteration, score_fn, policy.lm.get_output_embeddings().weight.shape[0])
+        flops = phase_flops(policy.lm, cls_blocks, last["trace"], cfg.ppo_epochs)
+        kinds = ["matmul", "LM head", "attention", "casts", "softmax", "optimizer", "other ops", "outside ops"]
+        print(f"\nprofile of one more iteration ({args.dtype}; self time of each op, s; the profiler adds its own):")
+        print("| phase | total | " + " | ".join(kinds) + " | FLOPs at the unprofiled median, share of peak |")
+        print("| --- | ---: | " + " | ".join("---:" for _ in kinds) + " | ---: |")
+        for phase, row in result["profile"].items():
+            share = flops[phase] / median[phase] / peak if median.get(phase) else 0.0
+            print(f"| {phase} | {row['total']:.3f} | " + " | ".join(f"{row.get(k, 0.0):.3f}" for k in kinds) +
+                  f" | {share:.1%} |")  # fmt: skip
     print(json.dumps(result))
     return result
 

@@ -82,6 +82,8 @@ class RunConfig:
     dist_timeout: float = arg(DIST_TIMEOUT, "under torchrun: minutes a collective waits for the "
                               "slowest process, such as rank 0 saving alone (docs/torchrun.md)")
     output_dir: str = arg("runs/ppo", "where log.jsonl, samples.md, curves.png and the checkpoint go")
+    report_to: str = arg("none", "also send each step live to tensorboard, wandb or trackio (a comma list), "
+                                 "rank 0 only (trackers.py)")
     save_every: int = arg(0, "also save a checkpoint every N steps (0 = only at the end)")
     sample_every: int = arg(10, "print a few decoded samples every N steps (0 = never)")
     eval_prompts: int = arg(64, "held-out prompts answered by reference and trained policy at the end")

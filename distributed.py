@@ -58,8 +58,10 @@ def rank() -> int:
 DIST_TIMEOUT = 30.0  # minutes: how long a collective waits for a slow rank (NCCL's own default is 10)
 
 
-def setup(device_name: str, timeout_minutes: float = DIST_TIMEOUT) -> None:
-    """Start the process group when run under torchrun (a no-op otherwise).
+def setup(device_name: str, timeout_minutes: float = DIST_TIMEOUT, fsdp: bool = False) -> None:
+    """Start the process group when run under torchrun (a no-op otherwise). With `fsdp`, a group
+    of one process too (`torchrun --nproc_per_node 1 ... --fsdp`: FSDP's code path on one GPU,
+    scripts/gpu_check.sh), where a plain run of one process needs none.
 
     NCCL when `device_name` asks for CUDA, or is `auto` on a GPU machine; gloo on the CPU.
     `timeout_minutes` is how long any collective may wait for the slowest rank before the group
@@ -68,7 +70,7 @@ def setup(device_name: str, timeout_minutes: float = DIST_TIMEOUT) -> None:
     network storage (docs/torchrun.md). Ranks other than 0 print nothing.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not (fsdp and "TORCHELASTIC_RUN_ID" in os.environ):
         return
     use_cuda = _uses_cuda(device_name)
     if use_cuda:
@@ -148,7 +150,7 @@ def check_world(sizes: dict, fsdp: bool, group: int = 1) -> None:
     the first into whole groups of `group` responses per rank (rloo, grpo), and unless --fsdp has
     processes to shard over."""
     world = world_size()
-    if fsdp and world == 1:
+    if fsdp and not dist.is_initialized():
         raise ConfigError("--fsdp shards the models over torchrun's processes: run it under torchrun "
                           "--nproc_per_node N (N ≥ 2), or drop --fsdp")  # fmt: skip
     for flag, value in sizes.items():

@@ -39,6 +39,7 @@ import distributed
 import lora
 import report
 import tiny
+import trackers
 from command_line import arg, parse_config
 from config import ObjectiveConfig, RunConfig
 from errors import NonFiniteError, RunError, check_config, check_finite
@@ -112,6 +113,7 @@ class Config(ObjectiveConfig, RunConfig):
     def validate(self) -> None:
         """Raise ConfigError, one line naming the fix, for a value no run can use (errors.py)."""
         check_config(self, ESTIMATORS)
+        trackers.parse(self.report_to)  # one line saying how to install a missing tracker, before any work
         if self.lora_rank:
             lora.import_peft()  # one line saying how to install peft, before any work
 
@@ -350,13 +352,14 @@ def main(cfg: Config) -> list:
     from tqdm import tqdm
 
     cfg.validate()
-    distributed.setup(cfg.device, cfg.dist_timeout)  # [ddp] under torchrun: a process group, NCCL or gloo
+    distributed.setup(cfg.device, cfg.dist_timeout, cfg.fsdp)  # [ddp] under torchrun: a process group, NCCL or gloo
     if cfg.resume:  # --resume auto: the output folder's run if it saved one, else a new one
         cfg = checkpoint.resume_config(cfg)  # [ddp] rank 0 reads the folder; every rank gets its answer
     world, rank = distributed.world_size(), distributed.rank()
     distributed.check_world({"--batch-size": cfg.batch_size, "--mini-batch-size": cfg.mini_batch_size}, cfg.fsdp,
                             cfg.responses_per_prompt)  # [ddp] equal shares, whole groups  # fmt: skip
     checkpoint.check_writable(cfg.output_dir)
+    live = trackers.Trackers(cfg.report_to, cfg.output_dir, dataclasses.asdict(cfg), "ppo_rlhf", rank)  # rank 0 reports
     report.quiet_libraries()
     seed_everything(cfg.seed + rank)  # [ddp] each rank samples its own responses
     device = resolve_device(distributed.rank_device(cfg.device), cfg.dtype)  # [ddp] cuda:LOCAL_RANK
@@ -422,9 +425,9 @@ def main(cfg: Config) -> list:
                     gold = {"gold_score": gold_fn(trace["texts"]).mean().item()} if gold_fn else {}
             except RunError as e:  # NaN or inf, or a --reward-fn that returned something unusable
                 raise type(e)(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
-            if world > 1 and step == start:  # [ddp] what each process holds, measured beside the plan
+            if (world > 1 or cfg.fsdp) and step == start:  # [ddp] what each process holds, beside the plan
                 print(report.memory_line(distributed.measured_bytes(policy, optimizer, ref_model),
-                                         distributed.memory_plan(policy, world, cfg.fsdp, cfg.dtype)))  # fmt: skip
+                                         distributed.memory_plan(policy, world, cfg.fsdp, cfg.dtype), device))  # fmt: skip
             record = {"step": step + 1, **record, **({"fluency": tiny.fluency(trace["texts"])} if cfg.tiny else {}),
                       **gold}  # fmt: skip
             record = distributed.mean({**record, "stop": float(stop.asked)})  # [ddp] stats over ranks
@@ -432,13 +435,18 @@ def main(cfg: Config) -> list:
             history.append(record)
             checkpoint.write_log(log_path, [record], "a")
             report.print_step(record, trace, cfg.sample_every)
+            live.log(record, step + 1)
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                live.samples(list(zip(trace["texts"], trace["scores"].tolist()))[:8], step + 1)
             if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step + 1, cfg, prompt_rng, order)
             if stopping:
                 launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+                live.close()
                 print(f"stopped by Ctrl-C after step {step + 1}, checkpoint saved; "
                       f"continue with: {launch} ppo_rlhf.py --resume {cfg.output_dir}")  # fmt: skip
                 return history
+    live.close()
     distributed.check_in_sync(policy, kl_ctl.value)
     checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, steps, cfg, prompt_rng, order)
     print(f"saved policy, value head and tokenizer to {cfg.output_dir}")

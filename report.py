@@ -206,13 +206,16 @@ def mean_and_sem(xs) -> str:
     return f"{mean:+.2f} ± {sem:.2f}"
 
 
-def memory_line(measured: dict, planned: dict) -> str:
+def memory_line(measured: dict, planned: dict, device=None) -> str:
     """What rank 0 holds (distributed.measured_bytes) beside what distributed.memory_plan counts
-    for it, in bytes: the two agree exactly when the plan is right."""
+    for it, in bytes: the two agree exactly when the plan is right. On a GPU, also the peak the
+    allocator saw so far (activations, the KV cache and the reward model included)."""
     both = "; ".join(f"{k} {measured[k]:,} / {planned[k]:,}" for k in ("parameters", "adam", "reference"))
+    peak = torch.cuda.max_memory_allocated(device) if device is not None and device.type == "cuda" else None
     return (f"memory on rank 0, bytes measured / planned: {both}; gradients up to {planned['gradients']:,} "
             f"(freed after each step); while sampling, the gathered weights add {planned['rollout_gathered']:,}"
-            + (f" and autocast's bf16 copies {planned['rollout_bf16']:,}" if planned["rollout_bf16"] else ""))
+            + (f" and autocast's bf16 copies {planned['rollout_bf16']:,}" if planned["rollout_bf16"] else "")
+            + (f"; peak GPU memory after the first step {peak:,}" if peak is not None else ""))
 
 
 EMPTY = "(empty)"  # samples.md's cell for a response that ended at once (EOS first)

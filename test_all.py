@@ -1480,6 +1480,56 @@ def test_tiny_run_end_to_end(tmp_path):
 
 
 @slow
+@slow
+def test_report_to_tensorboard_holds_every_logged_field_and_the_samples(tmp_path, capsys, monkeypatch):
+    """--report-to tensorboard: the event files, read back with TensorBoard's own reader, hold every
+    number of log.jsonl at every step, under the field's names (trackers.NAMES), each phase's
+    seconds, and a samples table every --sample-every steps. A tracker whose package is missing is
+    one line naming its pip install, before any work."""
+    import builtins
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import trackers
+
+    out = tmp_path / "run"
+    history = ppo_rlhf.main(cpu_tiny(steps=6, sample_every=3, eval_prompts=0, report_to="tensorboard", output_dir=str(out)))
+    [events] = list((out / "tensorboard").iterdir())
+    reader = EventAccumulator(str(events.parent), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    logged = checkpoint.read_log(str(out / "log.jsonl"))
+    assert logged == [json.loads(json.dumps(r)) for r in history]
+    for key, value in logged[-1].items():
+        if isinstance(value, float):
+            points = reader.Scalars(trackers.flat_name(key))
+            assert [p.step for p in points] == list(range(1, 7)), key
+            assert points[-1].value == pytest.approx(value, rel=1e-6, abs=1e-7), key  # TensorBoard keeps float32
+    assert {f"time/{k}" for k in logged[0]["time"]} <= set(reader.Tags()["scalars"])
+    assert "objective/kl" in reader.Tags()["scalars"] and "policy/clipfrac" in reader.Tags()["scalars"]
+    samples = [e for e in reader.Tensors("samples/text_summary")]
+    assert [e.step for e in samples] == [3, 6] and b"| text | score |" in samples[0].tensor_proto.string_val[0]
+    capsys.readouterr()  # the run's own output
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "wandb" else real_import(name, *a, **k))  # fmt: skip
+    code, err = run_cli(["--tiny", "--report-to", "tensorboard,wandb", "--output-dir", str(tmp_path / "x")], capsys)
+    assert code == 2 and err == ["error: --report-to wandb needs the wandb package: pip install wandb==0.31.0 (or "
+                                 "--report-to none; log.jsonl is written either way)"], err  # fmt: skip
+
+
+@slow
+def test_report_to_wandb_offline_and_trackio_when_installed(tmp_path, monkeypatch):
+    """The two trackers that are not requirements, where they are installed (docs: how to install
+    them); wandb in its offline mode, trackio in a folder of its own."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported: before it
+    pytest.importorskip("wandb")
+    pytest.importorskip("trackio")
+    ppo_rlhf.main(cpu_tiny(steps=2, sample_every=1, eval_prompts=0, report_to="wandb,trackio", output_dir=str(tmp_path / "r")))
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert any((tmp_path / "trackio").rglob("*"))
+
+
 def test_curves_png_and_report_redraw(tmp_path):
     pytest.importorskip("matplotlib")
     import subprocess
@@ -2165,6 +2215,20 @@ def test_unwritable_output_folder_and_missing_checkpoint(tmp_path, capsys):
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     code, err = run_cli(["--tiny", "--device", "cuda", "--output-dir", str(tmp_path)], capsys)
     assert code == 2 and err == ["error: --device cuda: this machine has no CUDA GPU; use --device cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    proc = subprocess.run(["bash", os.path.join(HERE, "scripts", "gpu_check.sh"), str(tmp_path / "report.txt")],
+                          capture_output=True, text=True, env=env, cwd=HERE)  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout.strip().splitlines() == [
+        "scripts/gpu_check.sh: this machine has no CUDA GPU (torch.cuda.is_available() is False): run it on one "
+        "that has"] and not proc.stderr, (proc.stdout, proc.stderr)  # fmt: skip
+    assert not (tmp_path / "report.txt").exists()
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple-silicon GPU")

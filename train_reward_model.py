@@ -28,6 +28,7 @@ References: [1] Ouyang et al. 2022 (InstructGPT), §3.5; [2] Gao, Schulman, Hilt
 Laws for Reward Model Overoptimization", §2; [3] OpenAI lm-human-preferences `train_reward.py`.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -40,6 +41,7 @@ import distributed
 from distributed import DIST_TIMEOUT
 import report
 import tiny
+import trackers
 from checkpoint import check_writable, save_model_folder
 from command_line import arg, parse_config
 from errors import ConfigError, check_pair_config, load_errors_as_config_error
@@ -85,6 +87,8 @@ class Config:
     dist_timeout: float = arg(DIST_TIMEOUT, "under torchrun: minutes a collective waits for the slowest process, "
                                             "such as rank 0 making the pairs alone (docs/torchrun.md)")
     output_dir: str = arg("runs/reward", "where the reward model, its tokenizer and eval.json go")
+    report_to: str = arg("none", "also send each minibatch's loss and accuracy, and the results, live to "
+                                 "tensorboard, wandb or trackio (a comma list), rank 0 only (trackers.py)")
 
 
 TINY_OVERRIDES = dict(tiny=True, judge="tiny:judge", pairs=6000, heldout_pairs=400, epochs=4, lr=1e-3,
@@ -95,6 +99,7 @@ HELP_GROUPS = {"model": "what to learn from", "pairs": "pairs", "epochs": "train
 def check_config(cfg: Config) -> None:
     """Raise ConfigError, one line naming the fix, for a value no run can use."""
     check_pair_config(cfg, Config())
+    trackers.parse(cfg.report_to)  # a missing tracker is one line, before any work
     if cfg.center_coef < 0:
         raise ConfigError(f"--center-coef must not be negative, got {cfg.center_coef}")
 
@@ -138,9 +143,11 @@ def main(cfg: Config) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     check_config(cfg)
-    distributed.setup(cfg.device, cfg.dist_timeout)  # [ddp] under torchrun: a process group, NCCL or gloo
+    distributed.setup(cfg.device, cfg.dist_timeout, cfg.fsdp)  # [ddp] under torchrun: a process group, NCCL or gloo
     distributed.check_world({"--batch-size": cfg.batch_size}, cfg.fsdp)  # [ddp] equal shares
     check_writable(cfg.output_dir)
+    live = trackers.Trackers(cfg.report_to, cfg.output_dir, dataclasses.asdict(cfg), "ppo_rlhf-reward-model",
+                             distributed.rank())  # a tracker that can't start stops the run here, before any work
     report.quiet_libraries()
     seed_everything(cfg.seed)
     device = resolve_device(distributed.rank_device(cfg.device))  # [ddp] cuda:LOCAL_RANK
@@ -213,6 +220,7 @@ def main(cfg: Config) -> dict:
                 optimizer.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{pair_accuracy(r_chosen, r_rejected).item():.2f}")
                 bar.update(1)
+                live.log({"train/loss": loss.item(), "train/accuracy": pair_accuracy(r_chosen, r_rejected).item()}, bar.n)
 
     # 4. normalize: rewards of std 1 on the training texts (reward_model.normalize_head), then
     # evaluate on the held-out pairs: the model's accuracy, and the judge's own (the ceiling)
@@ -230,6 +238,8 @@ def main(cfg: Config) -> dict:
                   judge_heldout_accuracy=None if g_chosen is None else pair_accuracy(g_chosen[:n_held], g_rejected[:n_held]).item(),
                   heldout_reward_mean=r.mean().item(), heldout_reward_std=r.std().item(), normalization_gain=gain,
                   judge=None if cfg.preferences else cfg.judge, model=model)  # fmt: skip
+    live.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, bar.n)
+    live.close()
 
     # 5. save: a one-label sequence classifier, which pipeline("text-classification") loads; all or nothing
     weights = distributed.full_weights(scorer)  # [fsdp] the shards, gathered on rank 0
