@@ -3007,8 +3007,8 @@ def test_two_nodes_without_a_shared_disk_survive_a_lost_process_and_end_as_if_ne
     6. Its agent restarts it, the healthy node rejoins, rank 0 alone reads the checkpoint on its
     own disk and sends the rest the weights, Adam's rows and the random states (the other node has
     no checkpoint at all); the run ends with one log, on rank 0's node, and with the weights of the
-    2-process run that was never killed, bit for bit on the CPU. Before rank 0 decided, a node
-    without the checkpoint started afresh while the other resumed, and the two hung."""
+    2-process run that was never killed, bit for bit on the CPU. The code before rank 0 decided,
+    in which each node looked at its own disk, hung in this test after the restart."""
     args = KILL_RUN + ["--fsdp", "--save-every", "3", "--output-dir", "run"]
     nodes, killed = two_nodes(tmp_path, args, kill_at=8)
     outputs = "\n".join(f"== {node}: exit {code}\n{out[-3000:]}" for node, (code, out) in nodes.items())
