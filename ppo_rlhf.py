@@ -149,7 +149,9 @@ def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
                                     logits_processor=sampling_processors(cfg, recorder),
                                     synced_gpus=False)  # (B, Q + T_gen); [fsdp] each rank stops at its own EOS  # fmt: skip
     response_ids, response_mask = cut_responses(generated[:, Q:], lengths, eos_id)
-    sampler_logprobs = recorder and recorder.logprobs(generated[:, Q:])[:, : response_ids.shape[1]]  # (B, T)
+    sampler_logprobs = None  # log μ: recorded only when μ is not π_old, or a correction asks for it
+    if recorder is not None:
+        sampler_logprobs = recorder.logprobs(generated[:, Q:])[:, : response_ids.shape[1]]  # (B, T)
     return response_ids, response_mask, sampler_logprobs
 
 
@@ -252,11 +254,11 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     timer("score")
 
     # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
-    full_kl = cfg.kl_estimator() == "full"  # only the exact KL needs the (B, T, V) logits
-    with torch.no_grad(), autocast(cache=False):  # each weight used once: no bf16 copies kept (loading.make_autocast)
+    full_kl, in_loss = cfg.kl_estimator() == "full", cfg.kl_placement() == "loss"  # the exact KL needs (B, T, V) logits:
+    with torch.no_grad(), autocast(cache=False):  # the policy's in the reward only; each weight used once: no bf16 copies
         episodes = (query_ids, query_mask, response_ids, response_mask)
         logprobs, values, logits, entropy = batched_forward_pass(
-            model, *episodes, return_logits=full_kl, return_entropy=True, row_tokens=cfg.row_tokens
+            model, *episodes, return_logits=full_kl and not in_loss, return_entropy=True, row_tokens=cfg.row_tokens
         )  # (B, T), (B, T), (B, T, V) or None, (B, T)
         ref_logprobs, _, ref_logits, _ = batched_forward_pass(
             ref_model, *episodes, return_logits=full_kl, row_tokens=cfg.row_tokens
@@ -265,7 +267,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 
     # 4. KL-shaped rewards (tutorial: "Compute rewards"); with the KL in the loss (GRPO's place) the
     # rewards are the scores alone, and the KL logged and fed to β is k1's estimate
-    kl_coef, in_loss = kl_ctl.value, cfg.kl_placement() == "loss"
+    kl_coef = kl_ctl.value
     rewards, non_score_reward, kl = kl_shaped_rewards(
         scores, logprobs, ref_logprobs, response_mask, 0.0 if in_loss else kl_coef, "kl" if in_loss else cfg.kl_estimator(),
         logits, ref_logits,

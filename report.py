@@ -81,9 +81,11 @@ def explain(trace: dict, record: dict, tokenizer, cfg, step: int = 1) -> None:
 
     estimator, K = cfg.advantage_estimator, cfg.responses_per_prompt
     _phase(4, "KL-shaped rewards", "rewards.kl_shaped_rewards")
-    _show("kl", trace["kl"], f"per-token KL estimate ({cfg.kl_kind}): logprobs − ref_logprobs", rm)
-    if estimator == "grpo":
-        print(f"GRPO keeps the KL out of the rewards: β = {trace['kl_coef']:.4f} weighs it in the loss (phase 6)")
+    in_loss = cfg.kl_placement() == "loss"
+    kind = "kl" if in_loss else cfg.kl_estimator()
+    _show("kl", trace["kl"], f"per-token KL estimate ({kind}{': logprobs − ref_logprobs' if kind == 'kl' else ''})", rm)
+    if in_loss:
+        print(f"the KL is kept out of the rewards: β = {trace['kl_coef']:.4f} weighs it in the loss (phase 6)")
     else:
         _show("non_score_reward", trace["non_score_reward"], f"−β·kl with β = {trace['kl_coef']:.4f}", rm)
     _show("rewards", trace["rewards"], "non_score_reward, plus the score on each row's last token", rm)
@@ -115,18 +117,21 @@ def explain(trace: dict, record: dict, tokenizer, cfg, step: int = 1) -> None:
         mask, adv = rm[idx], trace["advantages"][idx]
         print(f"[{title}: rows {idx.tolist()}]")
         ratio = torch.exp(torch.where(mask, mb["logprobs"] - trace["logprobs"][idx], 0.0))
-        clipped = torch.clamp(ratio, 1 - cfg.cliprange, 1 + cfg.cliprange)
+        high = cfg.cliprange_high or cfg.cliprange
+        clipped = torch.clamp(ratio, 1 - cfg.cliprange, 1 + high)
         _show("ratio", ratio, "π/π_old = exp(logprobs − old logprobs); 1 before any update (up to rounding)", mask)
         _show("−A·ratio", -adv * ratio, "the unclipped surrogate (as a loss)", mask)
-        _show("−A·clip(ratio)", -adv * clipped, f"the clipped one, ratio held to 1 ± {cfg.cliprange}", mask)
+        _show("−A·clip(ratio)", -adv * clipped, f"the clipped one, ratio held to [{1 - cfg.cliprange:g}, {1 + high:g}]", mask)
         print(f"pg_loss  = {mb['pg_loss']:+.5f}   mean of the larger of the two, over real tokens")
+        terms = "pg_loss"
         if "vf_loss" in mb:
             print(f"vf_loss  = {mb['vf_loss']:+.5f}   ½·mean of the larger of (vpred − R)² and (clipped vpred − R)²")
-            terms = f"pg_loss + {cfg.vf_coef}·vf_loss"
-        elif "kl_loss" in mb:
-            print(f"kl_loss  = {mb['kl_loss']:+.5f}   mean over real tokens of ρ/π − log(ρ/π) − 1 (k3)")
-            terms = f"pg_loss + β·kl_loss, β = {trace['kl_coef']:.4f}"
-        else:
+            terms += f" + {cfg.vf_coef}·vf_loss"
+        if "kl_loss" in mb:
+            weight = " × π/π_old" if cfg.kl_ratio_weight else ""
+            print(f"kl_loss  = {mb['kl_loss']:+.5f}   mean over real tokens of {cfg.kl_estimator()}{weight} (rewards.kl_loss_terms)")
+            terms += f" + β·kl_loss, β = {trace['kl_coef']:.4f}"
+        if terms == "pg_loss":
             terms = "pg_loss alone: no critic, no value loss"
         print(f"loss     = {mb['loss']:+.5f}   {terms}, then backward and an Adam step")
         print(f"pg_clipfrac {mb['pg_clipfrac']:.3f}   approxkl {mb['approxkl']:.5f}")
