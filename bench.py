@@ -32,7 +32,8 @@ Reported, as medians over `--iters` iterations after `--warmup`:
   large matmuls timed in the same run and dtype. FLOPs count the matmuls only (2 per
   multiply-add; backward = 2 × forward) on the positions the code computes: in `generate` the
   padded batch; in the packed forward passes the transformer on real tokens (not the padding at
-  the end of the rows) and the LM head on real response tokens only; the classifier on its tokens. Attention scores
+  the end of the rows) and the LM head on real response tokens only; the classifier on its tokens; the
+  update's first minibatch forward counted once, in phase 3, which runs it (ppo_rlhf.policy_pass). Attention scores
   (under 1% at these lengths) and element-wise work are not counted. With `--lora-rank` the
   count is the full fine-tune's: the frozen weights skip their weight-gradient matmuls, so the
   update does up to a third less than counted.
@@ -98,8 +99,11 @@ def build(shape: str, device, cfg, attn: str = ""):
     return policy, tokenizer, score_fn, cls_blocks
 
 
-def phase_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> dict:
-    """Matmul FLOPs of each phase of one iteration, from the shapes the iteration actually had."""
+def phase_flops(lm, cls_blocks: int, trace, ppo_epochs: int, reused: float = 0.0) -> dict:
+    """Matmul FLOPs of each phase of one iteration, from the shapes the iteration actually had.
+    `reused`: the share of the batch whose first forward of the update ran in phase 3 instead
+    (ppo_rlhf.policy_pass: minibatch / batch; 0 with --lora-dropout). Phase 3 then runs the same
+    positions as before, once each, and the update one forward of that share fewer."""
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # inside peft's wrapper (LoRA)
     blocks = sum(p.numel() for n, p in lm.base_model.h.named_parameters() if "lora_" not in n)  # per-position weights
     head = lm.get_output_embeddings().weight.numel()  # V · H
@@ -112,13 +116,13 @@ def phase_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> dict:
         rollout=2 * B * (blocks * (Q + T) + head * (T + 1)),  # the padded batch, prefill then one position per token
         score=2 * B * cls_blocks * (Q + T + 2),  # the classifier reads the decoded text (+ CLS, SEP)
         forward=2 * one_pass,  # policy and reference
-        update=ppo_epochs * 3 * one_pass,  # forward + backward (2 ×)
+        update=(ppo_epochs * 3 - reused) * one_pass,  # forward + backward (2 ×), less the reused forward
     )  # fmt: skip
 
 
-def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> float:
+def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int, reused: float = 0.0) -> float:
     """Matmul FLOPs of one iteration (`phase_flops`, summed)."""
-    return sum(phase_flops(lm, cls_blocks, trace, ppo_epochs).values())
+    return sum(phase_flops(lm, cls_blocks, trace, ppo_epochs, reused).values())
 
 
 # --profile: torch's op names by the kind of work they do; the LM head's matmuls are told apart by
@@ -163,9 +167,11 @@ def profile_iteration(step, score_fn, vocab: int) -> dict:
                     inside["update"] = False if flag else inside["update"]
         return wrapper
 
-    saved = {k: getattr(ppo_rlhf, k) for k in ("rollout", "batched_forward_pass", "ppo_update", "decode_texts")}
+    saved = {k: getattr(ppo_rlhf, k) for k in ("rollout", "batched_forward_pass", "forward_in_parts", "ppo_update",
+                                                "decode_texts")}  # fmt: skip
     ppo_rlhf.rollout, ppo_rlhf.ppo_update = marked("rollout", saved["rollout"]), marked("update", saved["ppo_update"], True)
     ppo_rlhf.batched_forward_pass = marked("forward", saved["batched_forward_pass"])
+    ppo_rlhf.forward_in_parts = marked("forward", saved["forward_in_parts"])  # the reference's pass
     ppo_rlhf.decode_texts = marked("score", saved["decode_texts"])  # decoding the texts, then scoring them
     try:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -294,6 +300,7 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     rows, last = [], {}
+    reused = 0.0 if cfg.lora_dropout else cfg.mini_batch_size / cfg.batch_size  # ppo_rlhf.policy_pass
 
     def run_iteration(score=score_fn):
         prompts = cfg.batch_size // cfg.responses_per_prompt  # ppo_step samples K responses to each
@@ -316,7 +323,7 @@ def main(argv=None) -> dict:
         tokens = int(trace["query_mask"].sum() + trace["response_mask"].sum())
         if i >= args.warmup:
             rows.append(dict(record["time"], iteration=seconds, tokens=tokens,
-                             flops=iteration_flops(policy.lm, cls_blocks, trace, cfg.ppo_epochs)))  # fmt: skip
+                             flops=iteration_flops(policy.lm, cls_blocks, trace, cfg.ppo_epochs, reused)))  # fmt: skip
 
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     if device.type == "cuda":  # read before the matmul probe below, whose 4096² matrices are not PPO's
@@ -350,7 +357,7 @@ def main(argv=None) -> dict:
           f"peak memory {memory_gb:.2f} GiB; {result['trainable_params']:,} trainable parameters")  # fmt: skip
     if args.profile:
         result["profile"] = profile_iteration(run_iteration, score_fn, policy.lm.get_output_embeddings().weight.shape[0])
-        flops = phase_flops(policy.lm, cls_blocks, last["trace"], cfg.ppo_epochs)
+        flops = phase_flops(policy.lm, cls_blocks, last["trace"], cfg.ppo_epochs, reused)
         kinds = ["matmul", "LM head", "attention", "casts", "softmax", "optimizer", "other ops", "outside ops"]
         print(f"\nprofile of one more iteration ({args.dtype}; self time of each op, s; the profiler adds its own):")
         print("| phase | total | " + " | ".join(kinds) + " | FLOPs at the unprofiled median, share of peak |")

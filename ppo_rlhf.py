@@ -11,7 +11,7 @@ One PPO step (`ppo_step`), with the tutorial's section titles:
 
     1. rollout     sample a response to a batch of queries         (`rollout`, below)
     2. score       the reward model scores query + response        (rewards.pipeline_scorer)
-    3. logprobs    policy log-probs and values, reference log-probs (logprobs.batched_forward_pass)
+    3. logprobs    policy log-probs and values, reference log-probs (`policy_pass`, logprobs.py)
     4. rewards     KL-shaped per-token rewards                      (rewards.kl_shaped_rewards)
     5. GAE         advantages and returns, advantages whitened      (gae.compute_gae), or with no
                    critic RLOO / GRPO from K responses per prompt  (group_advantages.py)
@@ -48,7 +48,7 @@ from group_advantages import grpo_advantages, rloo_advantages, sequence_rewards
 from loading import fork_rng, left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn
 from loading import load_scorer, make_autocast, offline_if_hub_unreachable, prepare_training, resolve_device
 from loading import reward_batch_size, seed_everything
-from logprobs import batched_forward_pass
+from logprobs import batched_forward_pass, forward_in_parts, merge_parts
 from ppo_loss import aggregate, is_weights, ppo_loss, sampler_mismatch
 from rewards import kl_loss_terms, kl_shaped_rewards
 from sampling import SamplerLogprobs, cut_responses, decode_texts, sampling_processors
@@ -155,9 +155,57 @@ def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     return response_ids, response_mask, sampler_logprobs
 
 
+def policy_pass(policy, model, episodes, cfg: Config, autocast, reward_logits=False, loss_logits=False):
+    """Phase 3's pass of the policy: π_old's log-probs, the values and the entropy of every episode.
+
+    The update's first step would recompute, for its first minibatch, exactly what this pass
+    computes, since nothing has changed the weights yet. So epoch 1's order is drawn here, that
+    minibatch runs with gradients (through `policy`, the DDP wrapper under torchrun, so that its
+    backward is averaged over the ranks), the others without, and `ppo_update` starts from this
+    graph: one forward pass fewer, and the first ratio is exactly 1, not 1 up to rounding. Not with
+    --lora-dropout, whose dropout acts in the update only (π_old is the policy without it).
+
+    Args:
+        policy: the policy as the update calls it; model: the model inside DDP (FSDP: the same).
+        episodes: query_ids, query_mask (B, Q); response_ids, response_mask (B, T).
+        reward_logits: also return the (B, T, V) logits (the exact KL in the reward).
+        loss_logits: the first minibatch's logits, with their graph, for the exact KL in the loss.
+
+    Returns:
+        ForwardPass of (B, T, ...) tensors without a graph, as `batched_forward_pass` returns;
+        `reused` for `ppo_update`: (order, (logprobs, values, logits) of its first minibatch,
+        with their graph), or None; and `parts`, the row indices of each packed call, for the
+        reference's pass to run the same calls (its rounding then matches, and KL = 0 exactly
+        where the policy is the reference).
+    """
+    B = episodes[0].shape[0]
+    if cfg.lora_dropout:
+        everything = [torch.arange(B, device=episodes[0].device)]
+        with torch.no_grad(), autocast(cache=False):
+            return forward_in_parts(model, everything, *episodes, return_logits=reward_logits, return_entropy=True,
+                                    row_tokens=cfg.row_tokens), None, everything  # fmt: skip
+    order = torch.randperm(B).to(episodes[0].device)  # epoch 1's order (the same draw ppo_update would make)
+    first, rest = order[: cfg.mini_batch_size], order[cfg.mini_batch_size :].sort().values
+    parts, outs = [], []
+    if len(rest):  # the other minibatches' rows: no gradients
+        with torch.no_grad(), autocast(cache=False):  # each weight used once: no bf16 copies kept
+            outs.append(batched_forward_pass(model, *(x[rest] for x in episodes), return_logits=reward_logits,
+                                             return_entropy=True, row_tokens=cfg.row_tokens))  # fmt: skip
+        parts.append(rest)
+    policy.train()  # as the update runs it (value_head.py: no dropout acts)
+    with autocast():
+        mine = batched_forward_pass(policy, *(x[first] for x in episodes), return_logits=reward_logits or loss_logits,
+                                    return_entropy=True, row_tokens=cfg.row_tokens)  # (b, T), with a graph  # fmt: skip
+    policy.eval()
+    parts.append(first)
+    outs.append(mine._replace(logits=mine.logits if reward_logits else None))
+    return merge_parts(parts, outs), (order, (mine.logprobs, mine.values, mine.logits)), parts
+
+
 # ------------------------------------------------------------------------------ one PPO step
 
-def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_coef=0.0, minibatch_log=None) -> dict:
+def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_coef=0.0, minibatch_log=None,
+               reused=None) -> dict:  # fmt: skip
     """Phase 6: `ppo_epochs` passes of shuffled minibatches of the clipped PPO loss.
 
     The loss, by advantage estimator:
@@ -175,6 +223,10 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
         kl_loss_coef: β for the KL term in the loss; 0 leaves the term out.
         minibatch_log: a list to append, per minibatch, the row indices, the new log-probs and
             values and the loss stats (for --explain); None keeps nothing.
+        reused: (order, outputs) from `policy_pass`: epoch 1's order of the rows, and the policy's
+            (logprobs, values, logits) on its first minibatch with their graph, computed in phase 3;
+            that minibatch's step starts from them (its ratio is exactly 1) instead of a forward
+            pass of its own. None: every epoch draws its order here and runs each minibatch.
 
     Returns:
         The stats of every minibatch of every epoch, averaged.
@@ -184,13 +236,20 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
     options, kl_kind, totals, n = cfg.loss_options(), cfg.kl_estimator(), {}, 0
     policy.train()  # the transformer stays in eval mode: only --lora-dropout acts (value_head.py)
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(B).to(batch["response_ids"].device)  # indices where the tensors are: no copy per tensor
+        if epoch == 0 and reused is not None:
+            order = reused[0]  # drawn in phase 3, which ran its first minibatch
+        else:
+            order = torch.randperm(B).to(batch["response_ids"].device)  # indices where the tensors are: no copy per tensor
         for j, idx in enumerate(order.split(cfg.mini_batch_size)):
             mb = {k: v[idx] for k, v in batch.items()}
-            with autocast():
-                logprobs, vpred, logits, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"], mb["response_ids"],
-                                                                  mb["response_mask"], return_logits="ref_logits" in mb,
-                                                                  row_tokens=cfg.row_tokens)  # (b, T)  # fmt: skip
+            if epoch == 0 and j == 0 and reused is not None:
+                logprobs, vpred, logits = reused[1]  # π_old's own graph: the ratio is exactly 1 here
+            else:
+                with autocast():
+                    logprobs, vpred, logits, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"],
+                                                                      mb["response_ids"], mb["response_mask"],
+                                                                      return_logits="ref_logits" in mb,
+                                                                      row_tokens=cfg.row_tokens)  # (b, T)  # fmt: skip
             token_total = distributed.tokens_per_rank(mb["response_mask"])  # [ddp] token-mean over every rank's tokens
             pg_loss, vf_loss, stats = ppo_loss(
                 logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"], mb["response_mask"],
@@ -253,16 +312,16 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         scores = score_fn(texts).to(query_ids.device)  # (B,)
     timer("score")
 
-    # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
-    full_kl, in_loss = cfg.kl_estimator() == "full", cfg.kl_placement() == "loss"  # the exact KL needs (B, T, V) logits:
-    with torch.no_grad(), autocast(cache=False):  # the policy's in the reward only; each weight used once: no bf16 copies
-        episodes = (query_ids, query_mask, response_ids, response_mask)
-        logprobs, values, logits, entropy = batched_forward_pass(
-            model, *episodes, return_logits=full_kl and not in_loss, return_entropy=True, row_tokens=cfg.row_tokens
-        )  # (B, T), (B, T), (B, T, V) or None, (B, T)
-        ref_logprobs, _, ref_logits, _ = batched_forward_pass(
-            ref_model, *episodes, return_logits=full_kl, row_tokens=cfg.row_tokens
-        )  # (B, T), -, (B, T, V) or None
+    # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass");
+    # the first minibatch of the update runs here, with gradients, and its step reuses this pass (`policy_pass`)
+    full_kl, in_loss = cfg.kl_estimator() == "full", cfg.kl_placement() == "loss"  # the exact KL needs (B, T, V) logits
+    episodes = (query_ids, query_mask, response_ids, response_mask)
+    (logprobs, values, logits, entropy), reused, parts = policy_pass(policy, model, episodes, cfg, autocast,
+                                                                     full_kl and not in_loss, full_kl and in_loss)  # fmt: skip
+    with torch.no_grad(), autocast(cache=False):  # each weight used once: no bf16 copies kept
+        ref_logprobs, _, ref_logits, _ = forward_in_parts(
+            ref_model, parts, *episodes, return_logits=full_kl, row_tokens=cfg.row_tokens
+        )  # (B, T), -, (B, T, V) or None; packed as the policy's pass was
     timer("forward")
 
     # 4. KL-shaped rewards (tutorial: "Compute rewards"); with the KL in the loss (GRPO's place) the
@@ -272,7 +331,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         scores, logprobs, ref_logprobs, response_mask, 0.0 if in_loss else kl_coef, "kl" if in_loss else cfg.kl_estimator(),
         logits, ref_logits,
     )  # (B, T) each  # fmt: skip
-    del logits
+    del logits  # (B, T, V): the reward's only; the first minibatch's, if the loss needs them, are in `reused`
 
     # 5. GAE: advantages and returns, whitened over the batch; or, with no critic, from each group of K
     if estimator == "gae":
@@ -300,7 +359,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     del ref_logits
     minibatches = [] if explain else None
     kl_loss_coef = kl_coef if in_loss else 0.0
-    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, kl_loss_coef, minibatches)
+    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, kl_loss_coef, minibatches, reused)
     timer("update")
 
     # 7. log: adapt β to this batch's KL, and gather the step's stats (one copy to the host for all of them)

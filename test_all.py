@@ -561,6 +561,40 @@ def test_a_bf16_checkpoint_loads_as_fp32_and_lora_trains_the_head_adapter(tmp_pa
         value_head.fp32_linear(head.to(torch.bfloat16), torch.randn(2, head.in_features))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_under_bf16_the_heads_forward_stays_fp32_and_its_backward_runs_in_bf16(bias):
+    """`value_head.HeadFp32Forward`, as `fp32_linear` uses it under bf16 autocast with gradients:
+    the logits are fp32 `F.linear`'s to the bit; the gradients of the hidden states, the weight and
+    the bias are the fp32 ones up to bf16 rounding, and farther from them than fp32 rounding, so the
+    bf16 matmuls did run (CPU; on CUDA the same code). Without autocast: fp32 throughout."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=bias)
+    hidden = torch.randn(3, 5, 64)
+    upstream = torch.randn(3, 5, 300)
+
+    def grads(autocast):
+        h = hidden.clone().requires_grad_()
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = value_head.fp32_linear(head, h)
+        logits.backward(upstream)
+        return logits.detach(), [h.grad] + [p.grad.clone() for p in head.parameters()]
+
+    (fp32_logits, exact), (bf16_logits, rounded) = grads(False), grads(True)
+    assert bf16_logits.dtype == torch.float32
+    assert torch.equal(bf16_logits, F.linear(hidden, head.weight, head.bias).detach())
+    for e, r in zip(exact, rounded):
+        assert r.dtype == torch.float32
+        scale = e.abs().max()
+        assert_close_scaled(r, e, scale, rtol=2**-7)  # bf16: 8 bits of mantissa
+        if r.dim() > 1:  # the matmuls' outputs (the bias's gradient is an fp32 sum either way)
+            assert (r - e).abs().max() > 10 * FP32_RTOL * scale
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # no gradients: the plain fp32 call
+        assert torch.equal(value_head.fp32_linear(head, hidden), fp32_logits)
+
+
 @slow
 @pytest.mark.parametrize("arch", ["llama", "opt", "bloom"])
 def test_two_ppo_steps_on_other_architectures_save_fp32_weights(arch, tmp_path, capsys):
@@ -1040,6 +1074,68 @@ def test_ratio_is_exactly_one_before_the_first_update():
     assert stats["ratio_mean"] == 1.0 and stats["ratio_max"] == 1.0
     assert stats["pg_clipfrac"] == 0.0 and stats["vf_clipfrac"] == 0.0 and stats["approxkl"] == 0.0
     torch.testing.assert_close(pg, -masked_mean(x["advantages"], x["response_mask"]))
+
+
+@pytest.mark.parametrize("kl_in, kl_kind", [("reward", "kl"), ("loss", "full")])
+def test_the_update_starts_from_phase_3s_pass_with_the_ratio_exactly_one(kl_in, kl_kind):
+    """`policy_pass` runs epoch 1's first minibatch with gradients and `ppo_update` steps from that
+    graph: its log-probs are π_old's to the bit (a fresh forward packs the rows otherwise, and is 1
+    only up to rounding), and the weights after the update are those of an update that runs every
+    forward itself, up to rounding. The exact KL in the loss takes the first minibatch's logits too."""
+    cpu = torch.device("cpu")
+    policy = CausalLMWithValueHead(random_gpt2(seed=3))
+    with torch.no_grad():
+        policy.v_head.weight.normal_()  # a critic that is not zero, so the value loss has a gradient
+    twin = CausalLMWithValueHead(random_gpt2(seed=3))
+    twin.load_state_dict(policy.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    queries = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (2, 5, 3, 7, 4, 6, 2, 3)]
+    responses = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (4, 9, 6, 5, 8, 4, 7, 5)]
+    episodes = padded_batch(queries, responses)
+    cfg = cpu_tiny(batch_size=8, mini_batch_size=4, ppo_epochs=2, kl_in=kl_in, kl_kind=kl_kind)
+    autocast = ppo_rlhf.make_autocast(cpu, "fp32")
+    loss_logits = kl_in == "loss"
+
+    torch.manual_seed(0)
+    (lp, values, _, entropy), reused, parts = ppo_rlhf.policy_pass(policy, policy, episodes, cfg, autocast,
+                                                                   loss_logits=loss_logits)  # fmt: skip
+    with torch.no_grad():
+        plain = batched_forward_pass(twin, *episodes, return_logits=True, return_entropy=True)
+    scale = plain.logits.abs().max().item()
+    assert_close_scaled(lp, plain.logprobs, scale)
+    assert_close_scaled(entropy, plain.entropy, scale)
+    assert not lp.requires_grad and not values.requires_grad
+    assert sorted(torch.cat(parts).tolist()) == list(range(8)) and torch.equal(parts[-1], reused[0][:4])
+
+    r_mask = episodes[3]
+    batch = dict(zip(["query_ids", "query_mask", "response_ids", "response_mask"], episodes), logprobs=lp,
+                 ref_logprobs=lp - 0.1 * r_mask, values=values, advantages=torch.randn(8, r_mask.shape[1], generator=gen),
+                 returns=torch.randn(8, r_mask.shape[1], generator=gen))  # fmt: skip
+    if loss_logits:
+        batch["ref_logits"] = plain.logits + 0.5 * torch.randn(plain.logits.shape, generator=gen)
+    log, fresh_log, calls = [], [], []
+    for model in (policy, twin):
+        model.register_forward_pre_hook(lambda module, args: calls.append(module))
+    ppo_rlhf.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, cfg, autocast,
+                        kl_loss_coef=0.2 * loss_logits, minibatch_log=log, reused=reused)  # fmt: skip
+    assert len(calls) == 2 * 2 - 1  # 2 epochs of 2 minibatches, the first one's forward reused
+    first = log[0]
+    assert torch.equal(first["idx"], reused[0][:4])
+    assert torch.equal(first["logprobs"], lp[first["idx"]])  # π_old to the bit
+    assert first["ratio_max"] == 1.0 and first["approxkl"] == 0.0 and first["pg_clipfrac"] == 0.0
+
+    torch.manual_seed(0)  # the same orders, every forward run in the update
+    ppo_rlhf.ppo_update(twin, torch.optim.SGD(twin.parameters(), lr=0.1), batch, cfg, autocast,
+                        kl_loss_coef=0.2 * loss_logits, minibatch_log=fresh_log)  # fmt: skip
+    assert [m["idx"].tolist() for m in fresh_log] == [m["idx"].tolist() for m in log]
+    assert calls.count(twin) == 2 * 2
+    assert fresh_log[0]["loss"] == pytest.approx(first["loss"], rel=1e-5)
+    moved = 0.0
+    for (name, p), q in zip(policy.named_parameters(), twin.parameters()):
+        assert_close_scaled(p.detach(), q.detach(), p.detach().abs().max(), rtol=1e-5)
+        moved = max(moved, (p.detach() - random_gpt2(seed=3).state_dict().get(name[3:], p).detach()).abs().max().item()
+                    if name.startswith("lm.") else moved)  # fmt: skip
+    assert moved > 1e-3  # the update did move the weights: the comparison above is not of two unchanged models
 
 
 @pytest.mark.parametrize(
@@ -1586,16 +1682,11 @@ def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
         )  # fmt: skip
         assert pg.item() == pytest.approx(mb["pg_loss"]) and vf.item() == pytest.approx(mb["vf_loss"])
     assert f"pg_loss  = {tr['minibatches'][0]['pg_loss']:+.5f}" in out
-    # The first minibatch sees the rollout weights, but packs the rows in another order than
-    # phase 3 did, so the kernels see other shapes: the ratio is 1 up to the rounding of two
-    # log-probs, each FP32_RTOL of the logits' size (measured here: 9.5e-7 off 1), and nothing clips.
-    policy, _ = loading.load_policy_and_tokenizer(tiny.ensure_world()[0], torch.device("cpu"))
-    with torch.no_grad():
-        logits = batched_forward_pass(policy, tr["query_ids"], tr["query_mask"], tr["response_ids"], mask,
-                                      return_logits=True)[2]  # fmt: skip
+    # The first minibatch's step starts from phase 3's own pass (ppo_rlhf.policy_pass): its
+    # log-probs are π_old's to the bit, so the ratio is exactly 1 and nothing clips.
     first = tr["minibatches"][0]
-    assert abs(first["ratio_max"] - 1) <= 2 * FP32_RTOL * logits.abs().max().item(), first["ratio_max"]
-    assert first["pg_clipfrac"] == 0.0
+    assert torch.equal(first["logprobs"], tr["logprobs"][first["idx"]])
+    assert first["ratio_max"] == 1.0 and first["approxkl"] == 0.0 and first["pg_clipfrac"] == 0.0
 
 
 @slow
@@ -3114,15 +3205,15 @@ def test_a_run_saved_on_cuda_resumes_on_the_cpu(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @slow
 def test_on_cuda_bf16_samples_from_pi_old_and_resumes_across_devices(tmp_path):
-    """The real run's device, in the tiny world: under bf16 the first minibatch clips nothing
-    (rollout, phase 3 and update see one π_old); a run saved on cuda goes on on the CPU and back."""
+    """The real run's device, in the tiny world: under bf16 the first minibatch's ratio is exactly 1
+    (its step starts from phase 3's pass); a run saved on cuda goes on on the CPU and back."""
     for lora_rank in (0, 8):  # LoRA: the reference is the policy with its adapters off, under bf16 too
         if lora_rank:
             pytest.importorskip("peft")
         [record] = ppo_rlhf.main(cpu_tiny(device="cuda", dtype="bf16", explain=True, lora_rank=lora_rank,
                                           output_dir=str(tmp_path / f"x{lora_rank}")))  # fmt: skip
         first = record["trace"]["minibatches"][0]
-        assert first["pg_clipfrac"] == 0.0 and abs(first["ratio_max"] - 1) < 0.05, first
+        assert first["pg_clipfrac"] == 0.0 and first["ratio_max"] == 1.0, first
     assert record["trace"]["response_ids"].device.type == "cuda"
     out = tmp_path / "run"
     ppo_rlhf.main(cpu_tiny(device="cuda", steps=2, output_dir=str(out), eval_prompts=4, sample_every=0))

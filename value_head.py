@@ -24,9 +24,9 @@ Four choices worth knowing:
   mixture-of-experts models. All of them follow `module.training`, so evaluation mode switches
   them off whatever the model does, and nothing is changed in the model or its config. The one
   dropout kept is one asked for: LoRA's on the adapters' input (`kept_dropout`, lora.py).
-  With dropout off the ratio is 1 until the weights change, up to float rounding: exactly 1
-  when the recomputation runs the same shapes, within a few 1e-7 when a minibatch packs the
-  rows in another order and the CPU library picks other kernels for the new shapes.
+  With dropout off the ratio is 1 until the weights change: exactly 1 in the loop, whose first
+  step starts from phase 3's own pass (ppo_rlhf.policy_pass); a recomputation in other shapes
+  (other rows packed together, so other kernels) would be 1 only up to float rounding, a few 1e-7.
 - The value head is initialised to zero (weight and bias), so V = 0 everywhere at the start.
   A randomly initialised head would add random values to the first advantages (A = δ + ...,
   δ = r + V' − V); a zero head starts GAE from plain reward-to-go. It still learns: ∂V/∂w = h ≠ 0.
@@ -39,6 +39,8 @@ Four choices worth knowing:
   own forward does to the head's output is done here too (`after_head`: Gemma-2's and 3's
   soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`), and `logits_gap` checks
   that nothing else is done, so that the log-probs are those of the model's own logits.
+  Only the LM head's forward needs fp32: its backward runs in bf16 like every other layer's
+  (`HeadFp32Forward`), which is where a bf16 update saves most of the head's time.
 
 Legend: R rows, N positions per row, K positions kept, V vocabulary, H hidden size.
 
@@ -57,8 +59,42 @@ from torch import nn
 VALUE_HEAD_FILE = "value_head.pt"
 
 
+class HeadFp32Forward(torch.autograd.Function):
+    """`F.linear(hidden, weight, bias)` in fp32; its two backward matmuls in `dtype` (bf16).
+
+    The log-probs PPO compares need the head's output in fp32 (module docstring); its gradients
+    do not, no more than any other layer's under autocast, whose backward matmuls all run in bf16.
+    The head is the largest matmul of a small model (GPT-2: 50257 × 768), and on a CPU with bf16
+    instructions its two backward matmuls run about 3× faster in bf16 than in fp32
+    (docs/performance.md). The forward is the same fp32 call as without this class, to the bit.
+    Memory: the weight's bf16 copy, then its gradient's, live for the backward (V·H·2 bytes,
+    77 MB for GPT-2) beside the fp32 gradient the weight gets either way.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, dtype):  # hidden (..., H) fp32, weight (V, H) fp32
+        ctx.save_for_backward(hidden, weight)
+        ctx.dtype, ctx.has_bias = dtype, bias is not None
+        return F.linear(hidden, weight, bias)  # (..., V) fp32
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., V) fp32
+        hidden, weight = ctx.saved_tensors
+        g = grad.to(ctx.dtype)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # the bf16 copy of the weight freed before the weight's gradient is made
+            grad_hidden = (g @ weight.to(ctx.dtype)).float()  # (..., H)
+        if ctx.needs_input_grad[1]:
+            flat_g, flat_h = g.reshape(-1, g.shape[-1]), hidden.reshape(-1, hidden.shape[-1]).to(ctx.dtype)
+            grad_weight = (flat_g.t() @ flat_h).float()  # (V, H), for the fp32 weight
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)  # (V,) fp32
+        return grad_hidden, grad_weight, grad_bias, None
+
+
 def fp32_linear(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """`head(hidden)` in fp32 with autocast off, whatever precision the transformer ran in.
+    """`head(hidden)` in fp32 with autocast off, whatever precision the transformer ran in; under
+    autocast, with gradients, its backward in autocast's dtype (`HeadFp32Forward`).
 
     Args:
         head: the LM head: a Linear, possibly tied to the input embeddings, or one that peft has
@@ -69,7 +105,11 @@ def fp32_linear(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     Returns:
         logits: (..., V) fp32.
     """
-    with torch.autocast(hidden.device.type, enabled=False):
+    kind = hidden.device.type
+    low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None  # bf16 under --dtype bf16
+    with torch.autocast(kind, enabled=False):
+        if low is not None and type(head) is nn.Linear and head.weight.dtype == torch.float32 and torch.is_grad_enabled():
+            return HeadFp32Forward.apply(hidden.float(), head.weight, head.bias, low)  # (..., V)
         if head.weight.dtype == torch.float32:  # the head's own forward, so a LoRA-adapted head adds its part
             return type(head).forward(head, hidden.float())  # (..., V); the class's: generate patches the instance's
         if type(head) is not nn.Linear:  # F.linear on the base weight would leave the adapter out, silently
