@@ -55,7 +55,7 @@ import ppo_rlhf
 import tiny
 from logprobs import ROW_TOKENS
 from rewards import pipeline_scorer
-from value_head import CausalLMWithValueHead
+from value_head import CausalLMWithValueHead, HeadFp32Forward
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -137,9 +137,13 @@ OP_KINDS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", 
 
 
 def op_kind(event, vocab: int) -> str:
+    """The kind of work of a profiler event; a matmul is the LM head's when a dimension of its inputs
+    is the vocabulary, or one of the slices of it that the head's bf16 backward takes
+    (value_head.HeadFp32Forward.SLICE rows, and what is left at the end)."""
+    head_dims = {vocab, HeadFp32Forward.SLICE, vocab % HeadFp32Forward.SLICE}
     for kind, prefixes in OP_KINDS.items():
         if event.name.startswith(prefixes):
-            if kind == "matmul" and any(vocab in shape for shape in (event.input_shapes or [])):
+            if kind == "matmul" and any(head_dims & set(shape) for shape in (event.input_shapes or [])):
                 return "LM head"
             return kind
     return "other ops"

@@ -561,14 +561,16 @@ def test_a_bf16_checkpoint_loads_as_fp32_and_lora_trains_the_head_adapter(tmp_pa
         value_head.fp32_linear(head.to(torch.bfloat16), torch.randn(2, head.in_features))
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_under_bf16_the_heads_forward_stays_fp32_and_its_backward_runs_in_bf16(bias):
+@pytest.mark.parametrize("bias, slice_rows", [(False, 8192), (True, 128)])  # 128: three slices, the last short
+def test_under_bf16_the_heads_forward_stays_fp32_and_its_backward_runs_in_bf16(bias, slice_rows, monkeypatch):
     """`value_head.HeadFp32Forward`, as `fp32_linear` uses it under bf16 autocast with gradients:
     the logits are fp32 `F.linear`'s to the bit; the gradients of the hidden states, the weight and
     the bias are the fp32 ones up to bf16 rounding, and farther from them than fp32 rounding, so the
-    bf16 matmuls did run (CPU; on CUDA the same code). Without autocast: fp32 throughout."""
+    bf16 matmuls did run (CPU; on CUDA the same code), in one slice of the vocabulary or in several.
+    Without autocast: fp32 throughout."""
     import torch.nn.functional as F
 
+    monkeypatch.setattr(value_head.HeadFp32Forward, "SLICE", slice_rows)
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 300, bias=bias)
     hidden = torch.randn(3, 5, 64)

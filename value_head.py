@@ -67,9 +67,12 @@ class HeadFp32Forward(torch.autograd.Function):
     The head is the largest matmul of a small model (GPT-2: 50257 × 768), and on a CPU with bf16
     instructions its two backward matmuls run about 3× faster in bf16 than in fp32
     (docs/performance.md). The forward is the same fp32 call as without this class, to the bit.
-    Memory: the weight's bf16 copy, then its gradient's, live for the backward (V·H·2 bytes,
-    77 MB for GPT-2) beside the fp32 gradient the weight gets either way.
+    The backward goes through the vocabulary in slices of `SLICE` rows, so that no bf16 copy of
+    the whole (V, H) weight or of its gradient is made: the memory it takes is the fp32 gradient
+    the weight gets either way, plus a slice.
     """
+
+    SLICE = 8192  # vocabulary rows per backward matmul: 12 MB of GPT-2's weight in bf16
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, dtype):  # hidden (..., H) fp32, weight (V, H) fp32
@@ -80,15 +83,20 @@ class HeadFp32Forward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad (..., V) fp32
         hidden, weight = ctx.saved_tensors
-        g = grad.to(ctx.dtype)
-        grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # the bf16 copy of the weight freed before the weight's gradient is made
-            grad_hidden = (g @ weight.to(ctx.dtype)).float()  # (..., H)
-        if ctx.needs_input_grad[1]:
-            flat_g, flat_h = g.reshape(-1, g.shape[-1]), hidden.reshape(-1, hidden.shape[-1]).to(ctx.dtype)
-            grad_weight = (flat_g.t() @ flat_h).float()  # (V, H), for the fp32 weight
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)  # (V,) fp32
+        flat_grad, flat_hidden = grad.reshape(-1, grad.shape[-1]), hidden.reshape(-1, hidden.shape[-1])  # (P, V), (P, H)
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(flat_hidden) if want_hidden else None  # (P, H) fp32, summed over slices
+        grad_weight = torch.empty_like(weight) if want_weight else None  # (V, H) fp32
+        low_hidden = flat_hidden.to(ctx.dtype)
+        for i in range(0, weight.shape[0], HeadFp32Forward.SLICE):
+            rows = slice(i, i + HeadFp32Forward.SLICE)
+            g = flat_grad[:, rows].to(ctx.dtype)  # (P, s)
+            if want_hidden:
+                grad_hidden += g @ weight[rows].to(ctx.dtype)  # (P, H), added in fp32
+            if want_weight:
+                grad_weight[rows] = g.t() @ low_hidden  # (s, H), stored in fp32
+        grad_bias = flat_grad.sum(0) if ctx.has_bias and want_bias else None  # (V,) fp32
+        grad_hidden = grad_hidden.view(hidden.shape) if want_hidden else None
         return grad_hidden, grad_weight, grad_bias, None
 
 
