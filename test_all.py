@@ -1115,6 +1115,7 @@ def test_the_update_starts_from_phase_3s_pass_with_the_ratio_exactly_one(kl_in, 
                  returns=torch.randn(8, r_mask.shape[1], generator=gen))  # fmt: skip
     if loss_logits:
         batch["ref_logits"] = plain.logits + 0.5 * torch.randn(plain.logits.shape, generator=gen)
+    start = {n: p.detach().clone() for n, p in policy.named_parameters()}
     log, fresh_log, calls = [], [], []
     for model in (policy, twin):
         model.register_forward_pre_hook(lambda module, args: calls.append(module))
@@ -1132,11 +1133,9 @@ def test_the_update_starts_from_phase_3s_pass_with_the_ratio_exactly_one(kl_in, 
     assert [m["idx"].tolist() for m in fresh_log] == [m["idx"].tolist() for m in log]
     assert calls.count(twin) == 2 * 2
     assert fresh_log[0]["loss"] == pytest.approx(first["loss"], rel=1e-5)
-    moved = 0.0
-    for (name, p), q in zip(policy.named_parameters(), twin.parameters()):
+    for p, q in zip(policy.parameters(), twin.parameters()):
         assert_close_scaled(p.detach(), q.detach(), p.detach().abs().max(), rtol=1e-5)
-        moved = max(moved, (p.detach() - random_gpt2(seed=3).state_dict().get(name[3:], p).detach()).abs().max().item()
-                    if name.startswith("lm.") else moved)  # fmt: skip
+    moved = max((p.detach() - start[n]).abs().max().item() for n, p in policy.named_parameters())
     assert moved > 1e-3  # the update did move the weights: the comparison above is not of two unchanged models
 
 
