@@ -1,24 +1,31 @@
-"""The settings of `ppo_rlhf.Config` that are not the tutorial's.
+"""Every setting of a PPO run (`ppo_rlhf.py`), one flag each, in three groups:
 
-`ppo_rlhf.Config` holds what the tutorial sets (the models, the data, the episode's shape, PPO's
-hyperparameters) and inherits these, so that the loop's file opens with the loop:
-
+    Config            what the tutorial sets: the models, the data, the episode's shape, PPO's
+                      hyperparameters (the gpt2-sentiment settings); it inherits the two below
     ObjectiveConfig   the variants of the objective that GRPO, DAPO and GSPO configs set (how the
                       loss is aggregated, clip-higher, dual-clip, sequence ratios, where the KL
                       goes, a sampler that is not π_old), each off by default (docs/objectives.md)
     RunConfig         how and where a run runs
 
-The command line lists them after the tutorial's, in this order (command_line.parse_config
-reads a class's own fields first).
+They live here, not in the loop's file, so that `ppo_rlhf.py` opens with the loop. The command
+line lists them in this order (command_line.parse_config reads a class's own fields first);
+`--tiny` applies TINY_OVERRIDES, and a flag given always wins over it.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
-from command_line import arg
+import lora
+import trackers
+from command_line import arg, parse_config
 from distributed import DIST_TIMEOUT
 from logprobs import ROW_TOKENS
+from errors import check_config
 from ppo_loss import IS_CORRECTIONS, LOSS_AGGS
 from rewards import KL_KINDS
+
+# The advantage estimators: GAE with the critic (gae.py), or from groups of K (group_advantages.py).
+ESTIMATORS = ("gae", "rloo", "grpo")
 
 
 @dataclass
@@ -92,3 +99,83 @@ class RunConfig:
                                 "the KL penalty, the values and the clipping at work (at step 1 all are 0)")
     resume: str = arg("", "continue the run saved in this output folder from its last checkpoint; auto: "
                           "--output-dir's run if it saved one, else start it (for torchrun --max-restarts)")
+
+
+@dataclass
+class Config(ObjectiveConfig, RunConfig):
+    """Every setting of a PPO run: the tutorial's here, then the objective's variants and the run's."""
+
+    # what to train, on what
+    model: str = arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
+    reward_model: str = arg("lvwerra/distilbert-imdb", "text classifier whose logit is the score")
+    reward_label: str = arg("POSITIVE", "the classifier label whose raw logit is the score")
+    reward_fn: str = arg("", "score with a Python function instead of the classifier: path/to/file.py:name "
+                              "or module:name, taking a list of texts and returning a list of floats")
+    gold_reward_model: str = arg("", "a second classifier, never trained on: its score of the same texts is "
+                                      "logged as gold_score (the truth a learned --reward-model stands for)")
+    gold_reward_fn: str = arg("", "the same, a Python function as for --reward-fn; with --tiny and "
+                                   "--reward-model it is the world's raters, tiny:judge")
+    dataset: str = arg("imdb", "prompts: a Hub dataset, a CSV/JSON/parquet file or a saved dataset")
+    dataset_split: str = arg("train", "split of the dataset to take prompts from")
+    text_column: str = arg("text", "column of the dataset holding the review text")
+    min_review_chars: int = arg(200, "keep only reviews longer than this many characters")
+    tiny: bool = arg(False, "offline: the policy, reward model and prompts of tiny.py's world")
+    # episode shape
+    query_min_len: int = arg(2, "shortest query, in tokens")
+    query_max_len: int = arg(7, "longest query, in tokens")
+    response_min_len: int = arg(4, "shortest response to sample, in tokens")
+    response_max_len: int = arg(15, "longest response to sample, in tokens")
+    # PPO
+    advantage_estimator: str = arg("gae", "gae: PPO with the value head (critic); rloo or grpo: no critic, "
+                                           "advantages from K responses per prompt (group_advantages.py)")
+    group_size: int = arg(0, "K, responses sampled per prompt; 0 = 1 for gae, 4 for rloo and grpo")
+    batch_size: int = arg(128, "episodes (responses) per PPO step, so batch_size / K prompts")
+    mini_batch_size: int = arg(128, "episodes per gradient step; must divide batch_size")
+    ppo_epochs: int = arg(4, "passes over each batch")
+    lr: float = arg(1.41e-5, "Adam learning rate")
+    init_kl_coef: float = arg(0.2, "initial KL penalty coefficient β")
+    adaptive_kl: bool = arg(True, "adapt β towards kl_target (--no-adaptive-kl: keep init_kl_coef)")
+    kl_target: float = arg(6.0, "target KL per response, in nats, for the adaptive β")
+    kl_horizon: float = arg(10000.0, "samples over which the adaptive β corrects its error")
+    gamma: float = arg(1.0, "discount γ")
+    lam: float = arg(0.95, "GAE λ")
+    cliprange: float = arg(0.2, "PPO ratio clip ε")
+    cliprange_value: float = arg(0.2, "value clip ε_v around the rollout values")
+    vf_coef: float = arg(0.1, "weight of the value loss")
+    lora_rank: int = arg(0, "r: train LoRA adapters (peft) on every linear layer, the reference being the policy "
+                            "with its adapters off (lora.py); 0: train all the weights")
+    lora_alpha: float = arg(0.0, "LoRA α: the adapters' output is scaled by α / r; 0 = 2 × rank")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input, in the update only (the ratio then starts off 1)")
+
+    @property
+    def responses_per_prompt(self) -> int:
+        """K: --group-size, or its default for the estimator."""
+        return self.group_size or (1 if self.advantage_estimator == "gae" else 4)
+
+    def validate(self) -> None:
+        """Raise ConfigError, one line naming the fix, for a value no run can use (errors.py)."""
+        check_config(self, ESTIMATORS)
+        trackers.parse(self.report_to)  # one line saying how to install a missing tracker, before any work
+        if self.lora_rank:
+            lora.import_peft()  # one line saying how to install peft, before any work
+
+
+# --tiny: tiny.py's world at a batch that runs in seconds; β, its target and horizon as in the real run.
+TINY_OVERRIDES = dict(tiny=True, batch_size=32, mini_batch_size=16, lr=2e-4, steps=50, eval_prompts=32,
+                      min_review_chars=0, output_dir="runs/tiny")  # fmt: skip
+
+
+def tiny_config(**overrides) -> Config:
+    """Config defaults, then TINY_OVERRIDES, then `overrides`."""
+    return dataclasses.replace(Config(), **{**TINY_OVERRIDES, **overrides})
+
+
+HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "advantage_estimator": "PPO",
+               "lora_rank": "LoRA (lora.py)", "loss_agg": "variants of the objective (config.py, docs/objectives.md)",
+               "steps": "run"}  # fmt: skip
+
+
+def parse_args(argv=None) -> Config:
+    """The Config that `python ppo_rlhf.py ...` asks for (argv None: sys.argv)."""
+    return parse_config(Config, argv, "RLHF with PPO: make GPT-2 write positive IMDB reviews.", HELP_GROUPS,
+                        TINY_OVERRIDES)  # fmt: skip

@@ -61,7 +61,7 @@ DIST_TIMEOUT = 30.0  # minutes: how long a collective waits for a slow rank (NCC
 def setup(device_name: str, timeout_minutes: float = DIST_TIMEOUT, fsdp: bool = False) -> None:
     """Start the process group when run under torchrun (a no-op otherwise). With `fsdp`, a group
     of one process too (`torchrun --nproc_per_node 1 ... --fsdp`: FSDP's code path on one GPU,
-    scripts/gpu_check.sh), where a plain run of one process needs none.
+    experiments/gpu_check.sh), where a plain run of one process needs none.
 
     NCCL when `device_name` asks for CUDA, or is `auto` on a GPU machine; gloo on the CPU.
     `timeout_minutes` is how long any collective may wait for the slowest rank before the group

@@ -87,7 +87,7 @@ def check_finite(mask: torch.Tensor, **tensors) -> None:
 
 
 def check_config(cfg, estimators) -> None:
-    """Raise ConfigError, one line naming the fix, for a value of `cfg` (ppo_rlhf.Config) no run
+    """Raise ConfigError, one line naming the fix, for a value of `cfg` (config.Config) no run
     can use; `estimators` are the names --advantage-estimator accepts."""
     defaults = type(cfg)()
     for name in ["query_min_len", "response_min_len", "batch_size", "mini_batch_size", "ppo_epochs", "lr",

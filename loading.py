@@ -60,7 +60,7 @@ def keep_freed_memory() -> None:
     glibc serves every allocation over 32 MiB with a fresh `mmap` and unmaps it on free. A PPO
     update allocates and frees the same large tensors every minibatch (GPT-2's tied 50257 × 768
     embedding gradient, 154 MB, is zero-filled and added twice a minibatch), and each fresh
-    mapping is paid again in page faults as it is first written. Measured with bench.py on this
+    mapping is paid again in page faults as it is first written. Measured with experiments/bench.py on this
     project's 2-core CPU (docs/performance.md): a GPT-2 iteration 22% faster in bf16 and 20% in
     fp32, the peak memory the same. No effect elsewhere (macOS, musl) or on a GPU's memory.
     """
@@ -400,7 +400,7 @@ def prepare_training(policy, cfg, device):
     over the parameters as they will train (a sharded policy's are its shards).
 
     `fused=True` updates all parameters in one kernel instead of a Python loop over GPT-2's ~150
-    tensors: on a 2-core CPU the optimizer step took 0.09 s instead of 0.36 s (bench.py).
+    tensors: on a 2-core CPU the optimizer step took 0.09 s instead of 0.36 s (experiments/bench.py).
     """
     import checkpoint
     import distributed

@@ -267,35 +267,3 @@ def batched_forward_pass(
 
     entropy = entropy_from_logits(logits.detach()) if return_entropy else None  # (K,): a statistic, no graph, no (B, T, V) copy
     return ForwardPass(unpack(logprobs), unpack(values), unpack(logits) if return_logits else None, unpack(entropy))
-
-
-def merge_parts(parts: list, outs: list) -> ForwardPass:
-    """The ForwardPasses of parts of a batch put back into one, in the batch's row order.
-
-    Args:
-        parts: row-index tensors that together hold each row of the batch once.
-        outs: the ForwardPass of each part, (b_i, T, ...) fields.
-
-    Returns:
-        ForwardPass of (B, T, ...) fields without a graph; a field is None where any part lacks it.
-    """
-    B = sum(len(p) for p in parts)
-
-    def merged(i):
-        if any(o[i] is None for o in outs):
-            return None
-        out = outs[0][i].new_empty((B,) + outs[0][i].shape[1:])
-        for rows, o in zip(parts, outs):
-            out[rows] = o[i].detach()
-        return out
-
-    return ForwardPass(*(merged(i) for i in range(len(ForwardPass._fields))))
-
-
-def forward_in_parts(model, parts: list, query_ids, query_mask, response_ids, response_mask, **kwargs) -> ForwardPass:
-    """`batched_forward_pass` on each part of a batch (`parts`: row-index tensors holding each row
-    once), merged back (`merge_parts`). Two passes in the same parts pack their rows alike, so
-    their float rounding is alike too: the reference's log-probs equal the policy's to the bit
-    where the weights are equal. Keyword arguments go to `batched_forward_pass`."""
-    episodes = (query_ids, query_mask, response_ids, response_mask)
-    return merge_parts(parts, [batched_forward_pass(model, *(x[p] for x in episodes), **kwargs) for p in parts])

@@ -1,4 +1,4 @@
-"""RLHF with PPO on the positive-sentiment IMDB task: the config, the rollout, the loop.
+"""RLHF with PPO on the positive-sentiment IMDB task: the rollout, one PPO step, the run.
 
 A GPT-2 policy with a value head continues the first 2–7 tokens of an IMDB review; a sentiment
 classifier scores the text; PPO raises that score while a KL penalty against a frozen copy of the
@@ -11,7 +11,7 @@ One PPO step (`ppo_step`), with the tutorial's section titles:
 
     1. rollout     sample a response to a batch of queries         (`rollout`, below)
     2. score       the reward model scores query + response        (rewards.pipeline_scorer)
-    3. logprobs    policy log-probs and values, reference log-probs (`policy_pass`, logprobs.py)
+    3. logprobs    policy log-probs and values, reference log-probs (logprobs.batched_forward_pass)
     4. rewards     KL-shaped per-token rewards                      (rewards.kl_shaped_rewards)
     5. GAE         advantages and returns, advantages whitened      (gae.compute_gae), or with no
                    critic RLOO / GRPO from K responses per prompt  (group_advantages.py)
@@ -20,7 +20,8 @@ One PPO step (`ppo_step`), with the tutorial's section titles:
 
 Tensor layout: queries (B, Q) left-padded, responses (B, T) right-padded, every per-token RL
 tensor (B, T) over the response only, with `response_mask` True at real response tokens. The
-run's plumbing lives elsewhere: config.py, loading.py, checkpoint.py, errors.py, report.py, tiny.py.
+settings (Config, one flag each) are in config.py; the run's plumbing in files named for what
+they hold: loading.py, checkpoint.py, errors.py, distributed.py, report.py, tiny.py.
 
 References: [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; [2]
 Ouyang et al. 2022 (InstructGPT); [3] TRL v0.11's gpt2-sentiment example, whose settings are ours.
@@ -30,102 +31,28 @@ import dataclasses
 import math
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 
 import checkpoint
 import distributed
-import lora
 import report
 import tiny
 import trackers
-from command_line import arg, parse_config
-from config import ObjectiveConfig, RunConfig
-from errors import NonFiniteError, RunError, check_config, check_finite
+from config import TINY_OVERRIDES, Config, parse_args
+from errors import NonFiniteError, RunError, check_finite
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
 from group_advantages import grpo_advantages, rloo_advantages, sequence_rewards
 from loading import fork_rng, left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn
 from loading import load_scorer, make_autocast, offline_if_hub_unreachable, prepare_training, resolve_device
 from loading import reward_batch_size, seed_everything
-from logprobs import batched_forward_pass, forward_in_parts, merge_parts
+from logprobs import batched_forward_pass
 from ppo_loss import aggregate, is_weights, ppo_loss, sampler_mismatch
 from rewards import kl_loss_terms, kl_shaped_rewards
 from sampling import SamplerLogprobs, cut_responses, decode_texts, sampling_processors
 
-# The advantage estimators: GAE with the critic (gae.py), or from groups of K (group_advantages.py).
-ESTIMATORS = ("gae", "rloo", "grpo")
+# Phase 5's choice: GAE with the critic (gae.py), or advantages from groups of K (group_advantages.py).
 GROUP_ESTIMATORS = {"rloo": rloo_advantages, "grpo": grpo_advantages}
-
-
-@dataclass
-class Config(ObjectiveConfig, RunConfig):
-    """Every setting of a run, one flag each: the tutorial's here; in config.py the objective's variants
-    (GRPO's, DAPO's, GSPO's) and how and where a run runs."""
-
-    # what to train, on what
-    model: str = arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
-    reward_model: str = arg("lvwerra/distilbert-imdb", "text classifier whose logit is the score")
-    reward_label: str = arg("POSITIVE", "the classifier label whose raw logit is the score")
-    reward_fn: str = arg("", "score with a Python function instead of the classifier: path/to/file.py:name "
-                              "or module:name, taking a list of texts and returning a list of floats")
-    gold_reward_model: str = arg("", "a second classifier, never trained on: its score of the same texts is "
-                                      "logged as gold_score (the truth a learned --reward-model stands for)")
-    gold_reward_fn: str = arg("", "the same, a Python function as for --reward-fn; with --tiny and "
-                                   "--reward-model it is the world's raters, tiny:judge")
-    dataset: str = arg("imdb", "prompts: a Hub dataset, a CSV/JSON/parquet file or a saved dataset")
-    dataset_split: str = arg("train", "split of the dataset to take prompts from")
-    text_column: str = arg("text", "column of the dataset holding the review text")
-    min_review_chars: int = arg(200, "keep only reviews longer than this many characters")
-    tiny: bool = arg(False, "offline: the policy, reward model and prompts of tiny.py's world")
-    # episode shape
-    query_min_len: int = arg(2, "shortest query, in tokens")
-    query_max_len: int = arg(7, "longest query, in tokens")
-    response_min_len: int = arg(4, "shortest response to sample, in tokens")
-    response_max_len: int = arg(15, "longest response to sample, in tokens")
-    # PPO
-    advantage_estimator: str = arg("gae", "gae: PPO with the value head (critic); rloo or grpo: no critic, "
-                                           "advantages from K responses per prompt (group_advantages.py)")
-    group_size: int = arg(0, "K, responses sampled per prompt; 0 = 1 for gae, 4 for rloo and grpo")
-    batch_size: int = arg(128, "episodes (responses) per PPO step, so batch_size / K prompts")
-    mini_batch_size: int = arg(128, "episodes per gradient step; must divide batch_size")
-    ppo_epochs: int = arg(4, "passes over each batch")
-    lr: float = arg(1.41e-5, "Adam learning rate")
-    init_kl_coef: float = arg(0.2, "initial KL penalty coefficient β")
-    adaptive_kl: bool = arg(True, "adapt β towards kl_target (--no-adaptive-kl: keep init_kl_coef)")
-    kl_target: float = arg(6.0, "target KL per response, in nats, for the adaptive β")
-    kl_horizon: float = arg(10000.0, "samples over which the adaptive β corrects its error")
-    gamma: float = arg(1.0, "discount γ")
-    lam: float = arg(0.95, "GAE λ")
-    cliprange: float = arg(0.2, "PPO ratio clip ε")
-    cliprange_value: float = arg(0.2, "value clip ε_v around the rollout values")
-    vf_coef: float = arg(0.1, "weight of the value loss")
-    lora_rank: int = arg(0, "r: train LoRA adapters (peft) on every linear layer, the reference being the policy "
-                            "with its adapters off (lora.py); 0: train all the weights")
-    lora_alpha: float = arg(0.0, "LoRA α: the adapters' output is scaled by α / r; 0 = 2 × rank")
-    lora_dropout: float = arg(0.0, "dropout on the adapters' input, in the update only (the ratio then starts off 1)")
-
-    @property
-    def responses_per_prompt(self) -> int:
-        """K: --group-size, or its default for the estimator."""
-        return self.group_size or (1 if self.advantage_estimator == "gae" else 4)
-
-    def validate(self) -> None:
-        """Raise ConfigError, one line naming the fix, for a value no run can use (errors.py)."""
-        check_config(self, ESTIMATORS)
-        trackers.parse(self.report_to)  # one line saying how to install a missing tracker, before any work
-        if self.lora_rank:
-            lora.import_peft()  # one line saying how to install peft, before any work
-
-
-# --tiny: tiny.py's world at a batch that runs in seconds; β, its target and horizon as in the real run.
-TINY_OVERRIDES = dict(tiny=True, batch_size=32, mini_batch_size=16, lr=2e-4, steps=50, eval_prompts=32,
-                      min_review_chars=0, output_dir="runs/tiny")  # fmt: skip
-
-
-def tiny_config(**overrides) -> Config:
-    """Config defaults, then TINY_OVERRIDES, then `overrides`."""
-    return dataclasses.replace(Config(), **{**TINY_OVERRIDES, **overrides})
 
 
 # ------------------------------------------------------------------------------ the rollout
@@ -155,57 +82,10 @@ def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     return response_ids, response_mask, sampler_logprobs
 
 
-def policy_pass(policy, model, episodes, cfg: Config, autocast, reward_logits=False, loss_logits=False):
-    """Phase 3's pass of the policy: π_old's log-probs, the values and the entropy of every episode.
-
-    The update's first step would recompute, for its first minibatch, exactly what this pass
-    computes, since nothing has changed the weights yet. So epoch 1's order is drawn here, that
-    minibatch runs with gradients (through `policy`, the DDP wrapper under torchrun, so that its
-    backward is averaged over the ranks), the others without, and `ppo_update` starts from this
-    graph: one forward pass fewer, and the first ratio is exactly 1, not 1 up to rounding. Not with
-    --lora-dropout, whose dropout acts in the update only (π_old is the policy without it).
-
-    Args:
-        policy: the policy as the update calls it; model: the model inside DDP (FSDP: the same).
-        episodes: query_ids, query_mask (B, Q); response_ids, response_mask (B, T).
-        reward_logits: also return the (B, T, V) logits (the exact KL in the reward).
-        loss_logits: the first minibatch's logits, with their graph, for the exact KL in the loss.
-
-    Returns:
-        ForwardPass of (B, T, ...) tensors without a graph, as `batched_forward_pass` returns;
-        `reused` for `ppo_update`: (order, (logprobs, values, logits) of its first minibatch,
-        with their graph), or None; and `parts`, the row indices of each packed call, for the
-        reference's pass to run the same calls (its rounding then matches, and KL = 0 exactly
-        where the policy is the reference).
-    """
-    B = episodes[0].shape[0]
-    if cfg.lora_dropout:
-        everything = [torch.arange(B, device=episodes[0].device)]
-        with torch.no_grad(), autocast(cache=False):
-            return forward_in_parts(model, everything, *episodes, return_logits=reward_logits, return_entropy=True,
-                                    row_tokens=cfg.row_tokens), None, everything  # fmt: skip
-    order = torch.randperm(B).to(episodes[0].device)  # epoch 1's order (the same draw ppo_update would make)
-    first, rest = order[: cfg.mini_batch_size], order[cfg.mini_batch_size :].sort().values
-    parts, outs = [], []
-    if len(rest):  # the other minibatches' rows: no gradients
-        with torch.no_grad(), autocast(cache=False):  # each weight used once: no bf16 copies kept
-            outs.append(batched_forward_pass(model, *(x[rest] for x in episodes), return_logits=reward_logits,
-                                             return_entropy=True, row_tokens=cfg.row_tokens))  # fmt: skip
-        parts.append(rest)
-    policy.train()  # as the update runs it (value_head.py: no dropout acts)
-    with autocast():
-        mine = batched_forward_pass(policy, *(x[first] for x in episodes), return_logits=reward_logits or loss_logits,
-                                    return_entropy=True, row_tokens=cfg.row_tokens)  # (b, T), with a graph  # fmt: skip
-    policy.eval()
-    parts.append(first)
-    outs.append(mine._replace(logits=mine.logits if reward_logits else None))
-    return merge_parts(parts, outs), (order, (mine.logprobs, mine.values, mine.logits)), parts
-
-
 # ------------------------------------------------------------------------------ one PPO step
 
-def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_coef=0.0, minibatch_log=None,
-               reused=None) -> dict:  # fmt: skip
+
+def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_coef=0.0, minibatch_log=None) -> dict:
     """Phase 6: `ppo_epochs` passes of shuffled minibatches of the clipped PPO loss.
 
     The loss, by advantage estimator:
@@ -223,10 +103,6 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
         kl_loss_coef: β for the KL term in the loss; 0 leaves the term out.
         minibatch_log: a list to append, per minibatch, the row indices, the new log-probs and
             values and the loss stats (for --explain); None keeps nothing.
-        reused: (order, outputs) from `policy_pass`: epoch 1's order of the rows, and the policy's
-            (logprobs, values, logits) on its first minibatch with their graph, computed in phase 3;
-            that minibatch's step starts from them (its ratio is exactly 1) instead of a forward
-            pass of its own. None: every epoch draws its order here and runs each minibatch.
 
     Returns:
         The stats of every minibatch of every epoch, averaged.
@@ -236,20 +112,14 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
     options, kl_kind, totals, n = cfg.loss_options(), cfg.kl_estimator(), {}, 0
     policy.train()  # the transformer stays in eval mode: only --lora-dropout acts (value_head.py)
     for epoch in range(cfg.ppo_epochs):
-        if epoch == 0 and reused is not None:
-            order = reused[0]  # drawn in phase 3, which ran its first minibatch
-        else:
-            order = torch.randperm(B).to(batch["response_ids"].device)  # indices where the tensors are: no copy per tensor
+        order = torch.randperm(B).to(batch["response_ids"].device)  # indices where the tensors are: no copy per tensor
         for j, idx in enumerate(order.split(cfg.mini_batch_size)):
             mb = {k: v[idx] for k, v in batch.items()}
-            if epoch == 0 and j == 0 and reused is not None:
-                logprobs, vpred, logits = reused[1]  # π_old's own graph: the ratio is exactly 1 here
-            else:
-                with autocast():
-                    logprobs, vpred, logits, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"],
-                                                                      mb["response_ids"], mb["response_mask"],
-                                                                      return_logits="ref_logits" in mb,
-                                                                      row_tokens=cfg.row_tokens)  # (b, T)  # fmt: skip
+            with autocast():
+                logprobs, vpred, logits, _ = batched_forward_pass(policy, mb["query_ids"], mb["query_mask"],
+                                                                  mb["response_ids"], mb["response_mask"],
+                                                                  return_logits="ref_logits" in mb,
+                                                                  row_tokens=cfg.row_tokens)  # (b, T)  # fmt: skip
             token_total = distributed.tokens_per_rank(mb["response_mask"])  # [ddp] token-mean over every rank's tokens
             pg_loss, vf_loss, stats = ppo_loss(
                 logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"], mb["response_mask"],
@@ -312,16 +182,16 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         scores = score_fn(texts).to(query_ids.device)  # (B,)
     timer("score")
 
-    # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass");
-    # the first minibatch of the update runs here, with gradients, and its step reuses this pass (`policy_pass`)
+    # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
     full_kl, in_loss = cfg.kl_estimator() == "full", cfg.kl_placement() == "loss"  # the exact KL needs (B, T, V) logits
     episodes = (query_ids, query_mask, response_ids, response_mask)
-    (logprobs, values, logits, entropy), reused, parts = policy_pass(policy, model, episodes, cfg, autocast,
-                                                                     full_kl and not in_loss, full_kl and in_loss)  # fmt: skip
     with torch.no_grad(), autocast(cache=False):  # each weight used once: no bf16 copies kept
-        ref_logprobs, _, ref_logits, _ = forward_in_parts(
-            ref_model, parts, *episodes, return_logits=full_kl, row_tokens=cfg.row_tokens
-        )  # (B, T), -, (B, T, V) or None; packed as the policy's pass was
+        logprobs, values, logits, entropy = batched_forward_pass(
+            model, *episodes, return_logits=full_kl and not in_loss, return_entropy=True, row_tokens=cfg.row_tokens
+        )  # (B, T), (B, T), (B, T, V) for the exact KL in the reward (else None), (B, T)
+        ref_logprobs, _, ref_logits, _ = batched_forward_pass(
+            ref_model, *episodes, return_logits=full_kl, row_tokens=cfg.row_tokens
+        )  # (B, T), -, (B, T, V) or None: packed as the policy's, so KL = 0 exactly where the two are equal
     timer("forward")
 
     # 4. KL-shaped rewards (tutorial: "Compute rewards"); with the KL in the loss (GRPO's place) the
@@ -331,7 +201,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         scores, logprobs, ref_logprobs, response_mask, 0.0 if in_loss else kl_coef, "kl" if in_loss else cfg.kl_estimator(),
         logits, ref_logits,
     )  # (B, T) each  # fmt: skip
-    del logits  # (B, T, V): the reward's only; the first minibatch's, if the loss needs them, are in `reused`
+    del logits  # (B, T, V): the reward's only
 
     # 5. GAE: advantages and returns, whitened over the batch; or, with no critic, from each group of K
     if estimator == "gae":
@@ -359,7 +229,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     del ref_logits
     minibatches = [] if explain else None
     kl_loss_coef = kl_coef if in_loss else 0.0
-    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, kl_loss_coef, minibatches, reused)
+    train_stats = ppo_update(policy, optimizer, batch, cfg, autocast, kl_loss_coef, minibatches)
     timer("update")
 
     # 7. log: adapt β to this batch's KL, and gather the step's stats (one copy to the host for all of them)
@@ -521,30 +391,10 @@ def main(cfg: Config) -> list:
     return history
 
 
-HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "advantage_estimator": "PPO",
-               "lora_rank": "LoRA (lora.py)", "loss_agg": "variants of the objective (config.py, docs/objectives.md)",
-               "steps": "run"}  # fmt: skip
-
-
-def parse_args(argv=None) -> Config:
-    return parse_config(Config, argv, "RLHF with PPO: make GPT-2 write positive IMDB reviews.", HELP_GROUPS,
-                        TINY_OVERRIDES)  # fmt: skip
-
-
 def cli(argv=None) -> int:
     """`python ppo_rlhf.py ...`: run, and turn a RunError into one line and an exit status."""
-    try:
-        main(parse_args(argv))
-        distributed.teardown(wait=True)  # [ddp] no rank leaves before rank 0's end-of-run work is done
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("stopped at once by a second Ctrl-C; nothing of the current step was saved", file=sys.stderr)
-        return 130
-    finally:
-        distributed.teardown()
-    return 0
+    what_is_lost = "a second time: nothing of the current step was saved"  # the first Ctrl-C saves (checkpoint.py)
+    return distributed.run_as_command(lambda: main(parse_args(argv)), what_is_lost)  # [ddp] torn down at the end
 
 
 if __name__ == "__main__":

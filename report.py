@@ -119,7 +119,7 @@ def explain(trace: dict, record: dict, tokenizer, cfg, step: int = 1) -> None:
         ratio = torch.exp(torch.where(mask, mb["logprobs"] - trace["logprobs"][idx], 0.0))
         high = cfg.cliprange_high or cfg.cliprange
         clipped = torch.clamp(ratio, 1 - cfg.cliprange, 1 + high)
-        _show("ratio", ratio, "π/π_old = exp(logprobs − old logprobs); exactly 1 before any update", mask)
+        _show("ratio", ratio, "π/π_old = exp(logprobs − old logprobs); 1 before any update, up to rounding", mask)
         _show("−A·ratio", -adv * ratio, "the unclipped surrogate (as a loss)", mask)
         _show("−A·clip(ratio)", -adv * clipped, f"the clipped one, ratio held to [{1 - cfg.cliprange:g}, {1 + high:g}]", mask)
         print(f"pg_loss  = {mb['pg_loss']:+.5f}   mean of the larger of the two, over real tokens")

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,6 +26,7 @@ import pytest
 import torch
 
 import checkpoint
+import config
 import dpo
 import errors
 import gae
@@ -57,7 +59,7 @@ def cpu_tiny(**overrides):
     """The --tiny config on the CPU. Tests that run the loop say so: on a GPU machine `auto` would
     pick CUDA, whose kernels are neither the CPU's nor bit-for-bit repeatable. The tests that
     mean CUDA say `device="cuda"` and are skipped without it."""
-    return ppo_rlhf.tiny_config(**{"device": "cpu", **overrides})
+    return config.tiny_config(**{"device": "cpu", **overrides})
 
 
 def random_gpt2(vocab_size=300, seed=0):
@@ -1078,67 +1080,6 @@ def test_ratio_is_exactly_one_before_the_first_update():
     torch.testing.assert_close(pg, -masked_mean(x["advantages"], x["response_mask"]))
 
 
-@pytest.mark.parametrize("kl_in, kl_kind", [("reward", "kl"), ("loss", "full")])
-def test_the_update_starts_from_phase_3s_pass_with_the_ratio_exactly_one(kl_in, kl_kind):
-    """`policy_pass` runs epoch 1's first minibatch with gradients and `ppo_update` steps from that
-    graph: its log-probs are π_old's to the bit (a fresh forward packs the rows otherwise, and is 1
-    only up to rounding), and the weights after the update are those of an update that runs every
-    forward itself, up to rounding. The exact KL in the loss takes the first minibatch's logits too."""
-    cpu = torch.device("cpu")
-    policy = CausalLMWithValueHead(random_gpt2(seed=3))
-    with torch.no_grad():
-        policy.v_head.weight.normal_()  # a critic that is not zero, so the value loss has a gradient
-    twin = CausalLMWithValueHead(random_gpt2(seed=3))
-    twin.load_state_dict(policy.state_dict())
-    gen = torch.Generator().manual_seed(4)
-    queries = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (2, 5, 3, 7, 4, 6, 2, 3)]
-    responses = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (4, 9, 6, 5, 8, 4, 7, 5)]
-    episodes = padded_batch(queries, responses)
-    cfg = cpu_tiny(batch_size=8, mini_batch_size=4, ppo_epochs=2, kl_in=kl_in, kl_kind=kl_kind)
-    autocast = ppo_rlhf.make_autocast(cpu, "fp32")
-    loss_logits = kl_in == "loss"
-
-    torch.manual_seed(0)
-    (lp, values, _, entropy), reused, parts = ppo_rlhf.policy_pass(policy, policy, episodes, cfg, autocast,
-                                                                   loss_logits=loss_logits)  # fmt: skip
-    with torch.no_grad():
-        plain = batched_forward_pass(twin, *episodes, return_logits=True, return_entropy=True)
-    scale = plain.logits.abs().max().item()
-    assert_close_scaled(lp, plain.logprobs, scale)
-    assert_close_scaled(entropy, plain.entropy, scale)
-    assert not lp.requires_grad and not values.requires_grad
-    assert sorted(torch.cat(parts).tolist()) == list(range(8)) and torch.equal(parts[-1], reused[0][:4])
-
-    r_mask = episodes[3]
-    batch = dict(zip(["query_ids", "query_mask", "response_ids", "response_mask"], episodes), logprobs=lp,
-                 ref_logprobs=lp - 0.1 * r_mask, values=values, advantages=torch.randn(8, r_mask.shape[1], generator=gen),
-                 returns=torch.randn(8, r_mask.shape[1], generator=gen))  # fmt: skip
-    if loss_logits:
-        batch["ref_logits"] = plain.logits + 0.5 * torch.randn(plain.logits.shape, generator=gen)
-    start = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    log, fresh_log, calls = [], [], []
-    for model in (policy, twin):
-        model.register_forward_pre_hook(lambda module, args: calls.append(module))
-    ppo_rlhf.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, cfg, autocast,
-                        kl_loss_coef=0.2 * loss_logits, minibatch_log=log, reused=reused)  # fmt: skip
-    assert len(calls) == 2 * 2 - 1  # 2 epochs of 2 minibatches, the first one's forward reused
-    first = log[0]
-    assert torch.equal(first["idx"], reused[0][:4])
-    assert torch.equal(first["logprobs"], lp[first["idx"]])  # π_old to the bit
-    assert first["ratio_max"] == 1.0 and first["approxkl"] == 0.0 and first["pg_clipfrac"] == 0.0
-
-    torch.manual_seed(0)  # the same orders, every forward run in the update
-    ppo_rlhf.ppo_update(twin, torch.optim.SGD(twin.parameters(), lr=0.1), batch, cfg, autocast,
-                        kl_loss_coef=0.2 * loss_logits, minibatch_log=fresh_log)  # fmt: skip
-    assert [m["idx"].tolist() for m in fresh_log] == [m["idx"].tolist() for m in log]
-    assert calls.count(twin) == 2 * 2
-    assert fresh_log[0]["loss"] == pytest.approx(first["loss"], rel=1e-5)
-    for p, q in zip(policy.parameters(), twin.parameters()):
-        assert_close_scaled(p.detach(), q.detach(), p.detach().abs().max(), rtol=1e-5)
-    moved = max((p.detach() - start[n]).abs().max().item() for n, p in policy.named_parameters())
-    assert moved > 1e-3  # the update did move the weights: the comparison above is not of two unchanged models
-
-
 @pytest.mark.parametrize(
     "advantage, ratio, expected_loss, clipped",
     [
@@ -1487,11 +1428,91 @@ def test_cli_help_groups_and_tiny_overrides(capsys):
     help_text = capsys.readouterr().out
     for f in ppo_rlhf.dataclasses.fields(ppo_rlhf.Config):
         assert "--" + f.name.replace("_", "-") in help_text
-    headings = [help_text.index("\n" + h + ":") for h in ppo_rlhf.HELP_GROUPS.values()]
+    headings = [help_text.index("\n" + h + ":") for h in config.HELP_GROUPS.values()]
     assert headings == sorted(headings)  # the groups, in the order of Config
     cfg = ppo_rlhf.parse_args(["--tiny", "--batch-size", "128", "--seed", "3"])
-    assert cfg.tiny and cfg.batch_size == 128 and cfg.seed == 3 and cfg.lr == ppo_rlhf.TINY_OVERRIDES["lr"]
+    assert cfg.tiny and cfg.batch_size == 128 and cfg.seed == 3 and cfg.lr == config.TINY_OVERRIDES["lr"]
     assert ppo_rlhf.parse_args([]) == ppo_rlhf.Config()
+    assert config.ESTIMATORS == ("gae", *ppo_rlhf.GROUP_ESTIMATORS)  # the flag's choices are the loop's
+
+
+class _Parsed(BaseException):
+    """Raised by the patched argparse once a documented command's flags parsed: no work is done."""
+
+
+def documented_commands() -> list:
+    """(page, command) for every command line of the README and docs/: each line of a fenced
+    block (continuations joined, `&&` split, comments cut) and each inline `python ...` or
+    `torchrun ...`, less the inline ones written as templates (S, DIR, [...], a|b, ...)."""
+    found = []
+    for page in ["README.md"] + sorted(f"docs/{f}" for f in os.listdir(os.path.join(HERE, "docs")) if f.endswith(".md")):
+        text = open(os.path.join(HERE, page)).read()
+        lines = [line for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+                 for line in block.replace("\\\n", " ").splitlines()]  # fmt: skip
+        lines += [c for c in re.findall(r"`((?:python|torchrun|bash) [^`]+)`", text)
+                  if not re.search(r"\b(S|E|N|R|LR|DIR\d?|HOST)\b|[\[|…]|\.\.\.", c)]  # fmt: skip
+        for line in lines:
+            for command in re.sub(r"\s#.*", "", line).split("&&"):
+                words = command.split()
+                if words and (words[0] in ("python", "python3", "torchrun", "bash") or words[0].endswith("/python")):
+                    found.append((page, " ".join(words)))
+    return sorted(set(found))
+
+
+def test_every_documented_command_names_a_file_and_flags_that_exist(monkeypatch):
+    """Each command of the README and docs/ runs as written up to its work: the script or module
+    exists and its argument parser takes the flags given (parsed in-process, then stopped). What
+    it does once parsed is the other tests' to check; a command for another virtual environment
+    (TRL's) is checked for its file only."""
+    commands = documented_commands()
+    assert len(commands) > 40 and any("experiments." in c for _, c in commands)
+    original = __import__("argparse").ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr("argparse.ArgumentParser.parse_args", parse_then_stop)
+    import runpy
+    import sys
+
+    for page, command in commands:
+        words = command.split()
+        if words[:3] in (["python", "-m", "pytest"], ["python3", "-m", "venv"]):
+            continue  # the suite itself; the set-up
+        if words[0] == "torchrun":  # torchrun's own flags, then the script and its flags
+            scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+            if not scripts:
+                continue  # a flag of torchrun's named in the text ("torchrun --max-restarts")
+            words = ["python"] + words[scripts[0] :]
+        where = f"{page}: {command}"
+        if words[0] == "bash":
+            assert os.path.isfile(os.path.join(HERE, words[1])), where
+            continue
+        module = words[2] if words[1] == "-m" else None
+        script = None if module else words[1]
+        args = words[3:] if module else words[2:]
+        if module:
+            assert os.path.isfile(os.path.join(HERE, *module.split(".")) + ".py"), where
+        else:
+            assert os.path.isfile(os.path.join(HERE, script)), where
+        if words[0] != "python" or script in ("report.py", "tiny.py"):
+            continue  # another environment's interpreter; report.py and tiny.py take folders, not flags
+        monkeypatch.setattr(sys, "argv", [module or script] + args)
+        said = __import__("io").StringIO()
+        try:
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # runpy: a module the suite imported already
+                if module:
+                    runpy.run_module(module, run_name="__main__", alter_sys=False)
+                else:
+                    runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+        except _Parsed:
+            continue
+        except SystemExit as e:
+            if e.code == 0 and "--help" in args:
+                continue  # --help prints and exits 0 while parsing
+            pytest.fail(f"{where}: exit {e.code}: {said.getvalue().strip()[-300:]}")
+        pytest.fail(f"{where}: finished without parsing a command line")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1683,11 +1704,16 @@ def test_explain_prints_every_phase_and_its_numbers_recompute(tmp_path, capsys):
         )  # fmt: skip
         assert pg.item() == pytest.approx(mb["pg_loss"]) and vf.item() == pytest.approx(mb["vf_loss"])
     assert f"pg_loss  = {tr['minibatches'][0]['pg_loss']:+.5f}" in out
-    # The first minibatch's step starts from phase 3's own pass (ppo_rlhf.policy_pass): its
-    # log-probs are π_old's to the bit, so the ratio is exactly 1 and nothing clips.
+    # The first minibatch sees the rollout weights, but packs its rows apart from the rest of the
+    # batch, where phase 3 packed them all together, so the kernels see other shapes: the ratio is 1
+    # up to the rounding of two log-probs, each FP32_RTOL of the logits' size, and nothing clips.
+    policy, _ = loading.load_policy_and_tokenizer(tiny.ensure_world()[0], torch.device("cpu"))
+    with torch.no_grad():
+        logits = batched_forward_pass(policy, tr["query_ids"], tr["query_mask"], tr["response_ids"], mask,
+                                      return_logits=True)[2]  # fmt: skip
     first = tr["minibatches"][0]
-    assert torch.equal(first["logprobs"], tr["logprobs"][first["idx"]])
-    assert first["ratio_max"] == 1.0 and first["approxkl"] == 0.0 and first["pg_clipfrac"] == 0.0
+    assert abs(first["ratio_max"] - 1) <= 2 * FP32_RTOL * logits.abs().max().item(), first["ratio_max"]
+    assert first["pg_clipfrac"] == 0.0
 
 
 @slow
@@ -1815,7 +1841,7 @@ def test_a_reward_model_learns_a_handful_of_pairs_and_ppo_scores_with_it(world, 
 
 @slow
 def test_against_a_learned_reward_the_kl_penalty_holds_off_overoptimization(tmp_path):
-    """All three steps in the tiny world, seed 0 (overoptimization.py runs seeds 0–2). Step 2 as
+    """All three steps in the tiny world, seed 0 (experiments/overoptimization.py runs seeds 0–2). Step 2 as
     docs/reward-model.md runs it: the policy answers each prompt twice, tiny.judge scores both, the label
     is drawn from σ(g₁ − g₂); the reward model beats chance on held-out prompts. Step 3 against
     it: with the KL penalty proxy and gold rise; without it the proxy rises further while the
@@ -2033,7 +2059,7 @@ def test_held_out_prompt_texts_are_never_training_prompts_in_any_entry_point(wor
     texts = lambda queries: {tokenizer.decode(q) for q in queries}  # noqa: E731
     ppo_train = set()
     for seed in (0, 1):
-        cfg = ppo_rlhf.tiny_config(dataset=world[2], seed=seed)
+        cfg = config.tiny_config(dataset=world[2], seed=seed)
         held, train = loading.load_queries(world[2], tokenizer, cfg, torch.Generator().manual_seed(seed))
         assert len(held) == cfg.eval_prompts and len(train) >= 700, (len(held), len(train))
         assert len(texts(held + train)) < 0.5 * len(held + train)  # texts do recur: a split by position would leak
@@ -2067,10 +2093,10 @@ def test_held_out_prompt_texts_are_never_training_prompts_in_any_entry_point(wor
 
 
 def test_the_committed_frontier_has_six_methods_three_settings_three_seeds(tmp_path, capsys):
-    """docs/frontier.json, as `python frontier.py` wrote it: the DPO paper's five IMDb methods and
+    """docs/frontier.json, as `python -m experiments.frontier` wrote it: the DPO paper's five IMDb methods and
     best-of-n, each at its 3 settings on seeds 0–2, every point finite; `--tables` prints one row
     per setting and redraws the picture from it."""
-    import frontier
+    from experiments import frontier
 
     points = json.load(open(os.path.join(os.path.dirname(__file__), "docs", "frontier.json")))["points"]
     assert set(frontier.SETTINGS) == {"PPO", "PPO-GT", "DPO", "Preferred-FT", "Unlikelihood", "best-of-n"}
@@ -2087,10 +2113,10 @@ def test_the_committed_frontier_has_six_methods_three_settings_three_seeds(tmp_p
 
 @slow
 def test_the_committed_objectives_tables_hold_every_setting_and_the_trl_gap(tmp_path, capsys):
-    """docs/objectives.md's numbers come from docs/objectives.json (`python objectives.py`): every
+    """docs/objectives.md's numbers come from docs/objectives.json (`python -m experiments.objectives`): every
     setting of every table on seeds 0-2, the TRL gap on seeds 0-5; `--tables` prints them again
     and redraws. The GRPO default reaches TRL's last-5 score within 0.1, at the fluency of TRL's."""
-    import objectives
+    from experiments import objectives
 
     results = objectives.main(["--tables", "--results", os.path.join(HERE, "docs", "objectives.json"),
                                "--picture", str(tmp_path / "objectives.png")])  # fmt: skip
@@ -2315,10 +2341,10 @@ def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
     import sys
 
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    proc = subprocess.run(["bash", os.path.join(HERE, "scripts", "gpu_check.sh"), str(tmp_path / "report.txt")],
+    proc = subprocess.run(["bash", os.path.join(HERE, "experiments", "gpu_check.sh"), str(tmp_path / "report.txt")],
                           capture_output=True, text=True, env=env, cwd=HERE)  # fmt: skip
     assert proc.returncode == 1 and proc.stdout.strip().splitlines() == [
-        "scripts/gpu_check.sh: this machine has no CUDA GPU (torch.cuda.is_available() is False): run it on one "
+        "experiments/gpu_check.sh: this machine has no CUDA GPU (torch.cuda.is_available() is False): run it on one "
         "that has"] and not proc.stderr, (proc.stdout, proc.stderr)  # fmt: skip
     assert not (tmp_path / "report.txt").exists()
 
@@ -2766,7 +2792,7 @@ def _fsdp_sampling_worker(rank, port, out_dir):
     sample = generation.GenerationMixin._sample
     generation.GenerationMixin._sample = lambda self, *a, **kw: calls.append(kw["synced_gpus"]) or sample(self, *a, **kw)
     policy.lm.transformer.h[0].register_forward_hook(lambda *args: forwards.append(1))
-    cfg = ppo_rlhf.tiny_config(response_min_len=30, response_max_len=30)
+    cfg = config.tiny_config(response_min_len=30, response_max_len=30)
     queries = [[5, 6, 7], [9, 10]]
     response_ids, response_mask, _ = ppo_rlhf.rollout(policy, *loading.left_pad(queries, 0, torch.device("cpu")), cfg, 7 if rank == 0 else 8,
                                                    contextlib.nullcontext)  # fmt: skip
@@ -3206,15 +3232,15 @@ def test_a_run_saved_on_cuda_resumes_on_the_cpu(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @slow
 def test_on_cuda_bf16_samples_from_pi_old_and_resumes_across_devices(tmp_path):
-    """The real run's device, in the tiny world: under bf16 the first minibatch's ratio is exactly 1
-    (its step starts from phase 3's pass); a run saved on cuda goes on on the CPU and back."""
+    """The real run's device, in the tiny world: under bf16 the first minibatch clips nothing
+    (rollout, phase 3 and update see one π_old); a run saved on cuda goes on on the CPU and back."""
     for lora_rank in (0, 8):  # LoRA: the reference is the policy with its adapters off, under bf16 too
         if lora_rank:
             pytest.importorskip("peft")
         [record] = ppo_rlhf.main(cpu_tiny(device="cuda", dtype="bf16", explain=True, lora_rank=lora_rank,
                                           output_dir=str(tmp_path / f"x{lora_rank}")))  # fmt: skip
         first = record["trace"]["minibatches"][0]
-        assert first["pg_clipfrac"] == 0.0 and first["ratio_max"] == 1.0, first
+        assert first["pg_clipfrac"] == 0.0 and abs(first["ratio_max"] - 1) < 0.05, first
     assert record["trace"]["response_ids"].device.type == "cuda"
     out = tmp_path / "run"
     ppo_rlhf.main(cpu_tiny(device="cuda", steps=2, output_dir=str(out), eval_prompts=4, sample_every=0))

@@ -140,7 +140,7 @@ def judge_normalized(texts) -> list:
     fluent text about 4: with a value head that starts at 0, GAE then hands each token an
     advantage of about 4·λ^(tokens to the end), which differs more between the first and the last
     token of a response than the sentiment part differs between responses. Measured: PPO on the
-    raw judge lowered it (frontier.py, seed 0, β 0.3: 3.78 → 3.70 over 50 steps, fluent 96% → 83%).
+    raw judge lowered it (experiments/frontier.py, seed 0, β 0.3: 3.78 → 3.70 over 50 steps, fluent 96% → 83%).
     """
     return [(g - JUDGE_MEAN) / JUDGE_STD for g in judge(texts)]
 

@@ -2,7 +2,7 @@
 
     python train_dpo.py --device cuda      # the DPO paper's IMDb recipe on the tutorial's models (docs/dpo.md)
     python train_dpo.py --tiny             # offline: the tiny world, judged by its raters
-    python frontier.py                     # DPO beside PPO, its baselines and best-of-n, on the same pairs (tiny world)
+    python -m experiments.frontier                     # DPO beside PPO, its baselines and best-of-n, on the same pairs (tiny world)
 
 The sibling of train_reward_model.py (step 2): the same command line module, the same loaders, the
 same pair maker (pairs.py), so that a reward model and DPO can learn from the very same pairs.

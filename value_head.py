@@ -24,9 +24,9 @@ Four choices worth knowing:
   mixture-of-experts models. All of them follow `module.training`, so evaluation mode switches
   them off whatever the model does, and nothing is changed in the model or its config. The one
   dropout kept is one asked for: LoRA's on the adapters' input (`kept_dropout`, lora.py).
-  With dropout off the ratio is 1 until the weights change: exactly 1 in the loop, whose first
-  step starts from phase 3's own pass (ppo_rlhf.policy_pass); a recomputation in other shapes
-  (other rows packed together, so other kernels) would be 1 only up to float rounding, a few 1e-7.
+  With dropout off the ratio is 1 until the weights change: exactly 1 where the update packs
+  its rows as phase 3 did, and 1 up to float rounding (a few 1e-7) where it packs other rows
+  together (a minibatch apart from the rest of the batch), since other shapes run other kernels.
 - The value head is initialised to zero (weight and bias), so V = 0 everywhere at the start.
   A randomly initialised head would add random values to the first advantages (A = δ + ...,
   δ = r + V' − V); a zero head starts GAE from plain reward-to-go. It still learns: ∂V/∂w = h ≠ 0.

@@ -1,7 +1,7 @@
 """Reward-model overoptimization, offline: Gao, Schulman, Hilton (2022) in the tiny world.
 
-    python overoptimization.py                        # writes docs/overoptimization.png and .json
-    python overoptimization.py --tables docs/overoptimization.json     # the docs' tables, from the results
+    python -m experiments.overoptimization                        # writes docs/overoptimization.png and .json
+    python -m experiments.overoptimization --tables docs/overoptimization.json     # the docs' tables, from the results
 
 A learned reward model is a proxy for what the raters want. PPO raises the proxy; how much of the
 rise is real is measured by the raters themselves, here the tiny world's judge (tiny.judge),
@@ -36,6 +36,7 @@ import os
 import numpy as np
 import torch
 
+import config
 import loading
 import pairs
 import ppo_rlhf
@@ -95,7 +96,7 @@ def fit(d, r, form: str):
 def ppo_run(reward_dir, out, seed, beta, lr, steps, device="cpu"):
     """One step-3 run against `reward_dir`; its per-step records."""
     kl = {} if beta == "adaptive" else dict(init_kl_coef=float(beta), adaptive_kl=False)
-    cfg = ppo_rlhf.tiny_config(reward_model=reward_dir, output_dir=out, seed=seed, lr=lr, steps=steps,
+    cfg = config.tiny_config(reward_model=reward_dir, output_dir=out, seed=seed, lr=lr, steps=steps,
                                sample_every=0, eval_prompts=0, device=device, **kl)  # fmt: skip
     return ppo_rlhf.main(cfg)
 

@@ -1,12 +1,12 @@
-"""Time legacy TRL's PPOTrainer on the shapes `bench.py --shape gpt2` times, for the ratio in
+"""Time legacy TRL's PPOTrainer on the shapes `experiments/bench.py --shape gpt2` times, for the ratio in
 docs/performance.md. Runs in legacy TRL's own virtual environment, never in this project's:
 
     python3 -m venv /tmp/legacy
     /tmp/legacy/bin/pip install torch==2.13.0 trl==0.11.4 transformers==4.46.3 "accelerate<1.2" "datasets<3.2"
-    /tmp/legacy/bin/python scripts/trl_ppo_bench.py --dtype fp32
-    /tmp/legacy/bin/python scripts/trl_ppo_bench.py --dtype bf16 --keep-freed-memory
+    /tmp/legacy/bin/python -m experiments.trl_ppo_bench --dtype fp32
+    /tmp/legacy/bin/python -m experiments.trl_ppo_bench --dtype bf16 --keep-freed-memory
 
-What it builds, as bench.py does: GPT-2 small (random weights, 50257-token vocabulary) with TRL's
+What it builds, as experiments/bench.py does: GPT-2 small (random weights, 50257-token vocabulary) with TRL's
 value head, TRL's reference copy, a DistilBERT-base-sized classifier (random) scoring through a
 `text-classification` pipeline, a word-level tokenizer over `t0 … t50255` plus `<|endoftext|>`
 (no Hub here). Queries are 2–7 random tokens. The loop is the one of TRL's gpt2-sentiment
@@ -84,7 +84,7 @@ def main() -> None:
         vocab_size=50257, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}))  # fmt: skip
     pipe = pipeline("text-classification", model=classifier, tokenizer=tokenizer, device="cpu")
     gen_kwargs = dict(min_length=-1, top_k=0, top_p=1.0, do_sample=True, pad_token_id=eos)
-    length_sampler = LengthSampler(4, 16)  # 4..15, as bench.py's responses
+    length_sampler = LengthSampler(4, 16)  # 4..15, as experiments/bench.py's responses
 
     rows = []
     for i in range(args.warmup + args.iters):

@@ -1,8 +1,8 @@
 """PPO or DPO? The DPO paper's IMDb frontier (Rafailov et al. 2023, §6.1, Fig. 2 left), offline.
 
-    python frontier.py                      # the tiny world, 3 seeds; docs/frontier.png and docs/frontier.json
-    python frontier.py --seeds 0 --steps 10 # a quick look
-    python frontier.py --tables docs/frontier.json         # the table and the picture, from the results
+    python -m experiments.frontier                      # the tiny world, 3 seeds; docs/frontier.png and docs/frontier.json
+    python -m experiments.frontier --seeds 0 --steps 10 # a quick look
+    python -m experiments.frontier --tables docs/frontier.json         # the table and the picture, from the results
 
 The DPO paper compared, on this project's task, methods that all start from the same policy and
 learn from the same preferences, by the true reward they reach against the KL they spend: the
@@ -44,13 +44,14 @@ import os
 import numpy as np
 import torch
 
+import config
 import loading
-import overoptimization
 import pairs as pair_maker
 import ppo_rlhf
 import tiny
 import train_dpo
 import train_reward_model
+from experiments import overoptimization
 
 # Three settings per method, fixed before the runs: PPO's fixed KL coefficient around --tiny's 0.2 start, DPO's β
 # around train_dpo.py --tiny's 0.5, Preferred-FT's learning rate around --tiny's 3e-4 (it has no β), Unlikelihood's
@@ -71,7 +72,7 @@ def held_out_prompts(pairs_file: str, limit: int) -> list:
 
 def ppo_point(out: str, seed: int, beta: float, lr: float, steps: int, reward: dict, device: str) -> None:
     """One PPO run in `out` (its policy is saved there)."""
-    cfg = ppo_rlhf.tiny_config(output_dir=out, seed=seed, lr=lr, steps=steps, init_kl_coef=beta, adaptive_kl=False,
+    cfg = config.tiny_config(output_dir=out, seed=seed, lr=lr, steps=steps, init_kl_coef=beta, adaptive_kl=False,
                                sample_every=0, eval_prompts=0, device=device, **reward)  # fmt: skip
     ppo_rlhf.main(cfg)
 

@@ -1,10 +1,10 @@
 """The variants of the objective, each measured in the same loop on --tiny (docs/objectives.md).
 
-    python objectives.py                          # every table below, 3 seeds: docs/objectives.{json,png}
-    python objectives.py --only sampler           # one table, the others kept from --results
-    python objectives.py --tables                 # print the tables and redraw from docs/objectives.json
-    python objectives.py --trl runs/trl-grpo-{0..5}  # the GRPO gap: ours beside TRL's GRPOTrainer, 6 seeds
-                                                  # (the TRL runs: scripts/trl_grpo_tiny.py, in TRL's venv)
+    python -m experiments.objectives                          # every table below, 3 seeds: docs/objectives.{json,png}
+    python -m experiments.objectives --only sampler           # one table, the others kept from --results
+    python -m experiments.objectives --tables                 # print the tables and redraw from docs/objectives.json
+    python -m experiments.objectives --trl runs/trl-grpo-{0..5}  # the GRPO gap: ours beside TRL's GRPOTrainer, 6 seeds
+                                                  # (the TRL runs: experiments/trl_grpo_tiny.py, in TRL's venv)
 
 Each row is `ppo_rlhf.py --tiny` with the flags it names, on seeds 0, 1, 2. From each run's
 log.jsonl: the score of the first 5 and the last 5 of its 50 steps and their difference (the
@@ -21,6 +21,7 @@ import statistics
 
 import torch
 
+import config
 import loading
 import ppo_rlhf
 import tiny
@@ -50,7 +51,7 @@ TABLES = {
                 ("temperature 0.7, no correction", dict(temperature=0.7)),
                 ("temperature 0.7, tis", dict(temperature=0.7, is_correction="tis"))],
 }  # fmt: skip
-# TRL's GRPOTrainer settings in scripts/trl_grpo_tiny.py, as flags of ours
+# TRL's GRPOTrainer settings in experiments/trl_grpo_tiny.py, as flags of ours
 TRL_MATCHED = dict(advantage_estimator="grpo", response_min_len=15, response_max_len=15, adaptive_kl=False)
 
 
@@ -58,7 +59,7 @@ def run(out: str, seed: int, flags: dict, steps: int, device: str) -> list:
     """One --tiny run with `flags`, its log (reused when `out` already holds the finished run)."""
     log = os.path.join(out, "log.jsonl")
     if not os.path.isfile(log) or len(open(log).readlines()) < steps:
-        ppo_rlhf.main(ppo_rlhf.tiny_config(output_dir=out, seed=seed, steps=steps, sample_every=0, eval_prompts=0,
+        ppo_rlhf.main(config.tiny_config(output_dir=out, seed=seed, steps=steps, sample_every=0, eval_prompts=0,
                                            device=device, **flags))  # fmt: skip
     with open(log) as f:
         return [json.loads(line) for line in f]
@@ -91,7 +92,7 @@ def kl_to_reference(model_dir: str, seed: int, prompts: int = 64, k: int = 4) ->
     policy_dir, _, reviews = tiny.ensure_world()
     policy, tokenizer = loading.load_policy_and_tokenizer(model_dir, device)
     reference, _ = loading.load_policy_and_tokenizer(policy_dir, device)
-    cfg = ppo_rlhf.tiny_config(response_min_len=15, response_max_len=15, eval_prompts=prompts)
+    cfg = config.tiny_config(response_min_len=15, response_max_len=15, eval_prompts=prompts)
     held, _ = loading.load_queries(reviews, tokenizer, cfg, torch.Generator().manual_seed(0))
     q_ids, q_mask = loading.left_pad([q for q in held for _ in range(k)], tokenizer.pad_token_id, device)
     with loading.fork_rng(device), torch.no_grad():
@@ -176,7 +177,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--only", nargs="+", choices=list(TABLES), default=list(TABLES))
-    parser.add_argument("--trl", nargs="+", metavar="DIR", help="TRL GRPOTrainer runs (scripts/trl_grpo_tiny.py), seed i in the i-th")
+    parser.add_argument("--trl", nargs="+", metavar="DIR", help="TRL GRPOTrainer runs (experiments/trl_grpo_tiny.py), seed i in the i-th")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output-dir", default="runs/objectives")
     parser.add_argument("--results", default="docs/objectives.json")

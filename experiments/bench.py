@@ -1,12 +1,12 @@
 """Time whole PPO iterations, offline, on random-init weights of the real shapes.
 
-    python bench.py --shape tiny                                 # the --tiny world
-    python bench.py --shape gpt2 --batch-size 16                 # GPT-2 small, 124M parameters
-    python bench.py --shape gpt2 --batch-size 128 --device cuda --dtype bf16
-    python bench.py --shape tiny --advantage-estimator grpo      # no critic, K = 4 responses per prompt
-    python bench.py --shape gpt2 --batch-size 16 --lora-rank 16  # LoRA adapters instead of every weight
-    python bench.py --shape gpt2 --batch-size 128 --row-tokens 0 # phase 3 and the update in one row
-    python bench.py --memory-table                               # bytes per GPU, DDP and FSDP (docs/torchrun.md)
+    python -m experiments.bench --shape tiny                                 # the --tiny world
+    python -m experiments.bench --shape gpt2 --batch-size 16                 # GPT-2 small, 124M parameters
+    python -m experiments.bench --shape gpt2 --batch-size 128 --device cuda --dtype bf16
+    python -m experiments.bench --shape tiny --advantage-estimator grpo      # no critic, K = 4 responses per prompt
+    python -m experiments.bench --shape gpt2 --batch-size 16 --lora-rank 16  # LoRA adapters instead of every weight
+    python -m experiments.bench --shape gpt2 --batch-size 128 --row-tokens 0 # phase 3 and the update in one row
+    python -m experiments.bench --memory-table                               # bytes per GPU, DDP and FSDP (docs/torchrun.md)
 
 Each iteration is one call of `ppo_rlhf.ppo_step`, the very code the training loop runs:
 rollout (one `generate` call), score, policy + reference forward, PPO update. The speed of these
@@ -32,8 +32,7 @@ Reported, as medians over `--iters` iterations after `--warmup`:
   large matmuls timed in the same run and dtype. FLOPs count the matmuls only (2 per
   multiply-add; backward = 2 × forward) on the positions the code computes: in `generate` the
   padded batch; in the packed forward passes the transformer on real tokens (not the padding at
-  the end of the rows) and the LM head on real response tokens only; the classifier on its tokens; the
-  update's first minibatch forward counted once, in phase 3, which runs it (ppo_rlhf.policy_pass). Attention scores
+  the end of the rows) and the LM head on real response tokens only; the classifier on its tokens;  Attention scores
   (under 1% at these lengths) and element-wise work are not counted. With `--lora-rank` the
   count is the full fine-tune's: the frozen weights skip their weight-gradient matmuls, so the
   update does up to a third less than counted.
@@ -50,6 +49,7 @@ import time
 
 import torch
 
+import config
 import loading
 import ppo_rlhf
 import tiny
@@ -99,11 +99,8 @@ def build(shape: str, device, cfg, attn: str = ""):
     return policy, tokenizer, score_fn, cls_blocks
 
 
-def phase_flops(lm, cls_blocks: int, trace, ppo_epochs: int, reused: float = 0.0) -> dict:
-    """Matmul FLOPs of each phase of one iteration, from the shapes the iteration actually had.
-    `reused`: the share of the batch whose first forward of the update ran in phase 3 instead
-    (ppo_rlhf.policy_pass: minibatch / batch; 0 with --lora-dropout). Phase 3 then runs the same
-    positions as before, once each, and the update one forward of that share fewer."""
+def phase_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> dict:
+    """Matmul FLOPs of each phase of one iteration, from the shapes the iteration actually had."""
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # inside peft's wrapper (LoRA)
     blocks = sum(p.numel() for n, p in lm.base_model.h.named_parameters() if "lora_" not in n)  # per-position weights
     head = lm.get_output_embeddings().weight.numel()  # V · H
@@ -116,13 +113,13 @@ def phase_flops(lm, cls_blocks: int, trace, ppo_epochs: int, reused: float = 0.0
         rollout=2 * B * (blocks * (Q + T) + head * (T + 1)),  # the padded batch, prefill then one position per token
         score=2 * B * cls_blocks * (Q + T + 2),  # the classifier reads the decoded text (+ CLS, SEP)
         forward=2 * one_pass,  # policy and reference
-        update=(ppo_epochs * 3 - reused) * one_pass,  # forward + backward (2 ×), less the reused forward
+        update=ppo_epochs * 3 * one_pass,  # forward + backward (2 ×) of every minibatch
     )  # fmt: skip
 
 
-def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int, reused: float = 0.0) -> float:
+def iteration_flops(lm, cls_blocks: int, trace, ppo_epochs: int) -> float:
     """Matmul FLOPs of one iteration (`phase_flops`, summed)."""
-    return sum(phase_flops(lm, cls_blocks, trace, ppo_epochs, reused).values())
+    return sum(phase_flops(lm, cls_blocks, trace, ppo_epochs).values())
 
 
 # --profile: torch's op names by the kind of work they do; the LM head's matmuls are told apart by
@@ -171,11 +168,9 @@ def profile_iteration(step, score_fn, vocab: int) -> dict:
                     inside["update"] = False if flag else inside["update"]
         return wrapper
 
-    saved = {k: getattr(ppo_rlhf, k) for k in ("rollout", "batched_forward_pass", "forward_in_parts", "ppo_update",
-                                                "decode_texts")}  # fmt: skip
+    saved = {k: getattr(ppo_rlhf, k) for k in ("rollout", "batched_forward_pass", "ppo_update", "decode_texts")}
     ppo_rlhf.rollout, ppo_rlhf.ppo_update = marked("rollout", saved["rollout"]), marked("update", saved["ppo_update"], True)
     ppo_rlhf.batched_forward_pass = marked("forward", saved["batched_forward_pass"])
-    ppo_rlhf.forward_in_parts = marked("forward", saved["forward_in_parts"])  # the reference's pass
     ppo_rlhf.decode_texts = marked("score", saved["decode_texts"])  # decoding the texts, then scoring them
     try:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -272,7 +267,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="", help="attention kernel (default: SDPA, as ppo_rlhf.py)")
-    parser.add_argument("--advantage-estimator", choices=ppo_rlhf.ESTIMATORS, default="gae")
+    parser.add_argument("--advantage-estimator", choices=config.ESTIMATORS, default="gae")
     parser.add_argument("--group-size", type=int, default=0, help="K responses per prompt; 0: 1 for gae, 4 otherwise")
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (lora.py); 0: full fine-tune")
     parser.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA α; 0 = 2 × rank")
@@ -288,7 +283,7 @@ def main(argv=None) -> dict:
         return {}
 
     device = loading.resolve_device(args.device, args.dtype)
-    cfg = ppo_rlhf.Config(
+    cfg = config.Config(
         batch_size=args.batch_size, mini_batch_size=args.mini_batch_size or args.batch_size,
         ppo_epochs=args.ppo_epochs, device=str(device), dtype=args.dtype, seed=args.seed,
         advantage_estimator=args.advantage_estimator, group_size=args.group_size, lora_rank=args.lora_rank,
@@ -304,7 +299,6 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     rows, last = [], {}
-    reused = 0.0 if cfg.lora_dropout else cfg.mini_batch_size / cfg.batch_size  # ppo_rlhf.policy_pass
 
     def run_iteration(score=score_fn):
         prompts = cfg.batch_size // cfg.responses_per_prompt  # ppo_step samples K responses to each
@@ -327,7 +321,7 @@ def main(argv=None) -> dict:
         tokens = int(trace["query_mask"].sum() + trace["response_mask"].sum())
         if i >= args.warmup:
             rows.append(dict(record["time"], iteration=seconds, tokens=tokens,
-                             flops=iteration_flops(policy.lm, cls_blocks, trace, cfg.ppo_epochs, reused)))  # fmt: skip
+                             flops=iteration_flops(policy.lm, cls_blocks, trace, cfg.ppo_epochs)))  # fmt: skip
 
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     if device.type == "cuda":  # read before the matmul probe below, whose 4096² matrices are not PPO's
@@ -361,7 +355,7 @@ def main(argv=None) -> dict:
           f"peak memory {memory_gb:.2f} GiB; {result['trainable_params']:,} trainable parameters")  # fmt: skip
     if args.profile:
         result["profile"] = profile_iteration(run_iteration, score_fn, policy.lm.get_output_embeddings().weight.shape[0])
-        flops = phase_flops(policy.lm, cls_blocks, last["trace"], cfg.ppo_epochs, reused)
+        flops = phase_flops(policy.lm, cls_blocks, last["trace"], cfg.ppo_epochs)
         kinds = ["matmul", "LM head", "attention", "casts", "softmax", "optimizer", "other ops", "outside ops"]
         print(f"\nprofile of one more iteration ({args.dtype}; self time of each op, s; the profiler adds its own):")
         print("| phase | total | " + " | ".join(kinds) + " | FLOPs at the unprofiled median, share of peak |")

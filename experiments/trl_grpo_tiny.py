@@ -4,7 +4,7 @@ with the same settings (docs/objectives.md, "Against TRL's GRPOTrainer").
 Run it in a virtual environment with TRL 1.16 (not a dependency of this project), after one
 --tiny run has built the world:
 
-    /tmp/trl/bin/python scripts/trl_grpo_tiny.py --seed 0 --out runs/trl-grpo-0
+    /tmp/trl/bin/python -m experiments.trl_grpo_tiny --seed 0 --out runs/trl-grpo-0
 
 The prompts are the ones `ppo_rlhf.py --tiny --seed S` trains on, in its order (loading.py's
 split and the run's prompt generator, replayed); 8 prompts × 4 responses of 15 tokens a step, two
@@ -23,6 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import loading  # noqa: E402
 import ppo_rlhf  # noqa: E402
 import tiny  # noqa: E402
@@ -39,7 +40,7 @@ def main():
     from trl import GRPOConfig, GRPOTrainer
 
     policy_dir, reward_dir, reviews = tiny.world_paths(tiny.default_world_dir())
-    cfg = ppo_rlhf.tiny_config(seed=args.seed, advantage_estimator="grpo", response_min_len=15, response_max_len=15)
+    cfg = config.tiny_config(seed=args.seed, advantage_estimator="grpo", response_min_len=15, response_max_len=15)
     tokenizer = loading.load_tokenizer(policy_dir)
     prompt_rng = torch.Generator().manual_seed(cfg.seed)  # as ppo_rlhf.main draws it: the split, then the order
     _, queries = loading.load_queries(reviews, tokenizer, cfg, prompt_rng)

@@ -3,7 +3,7 @@
 Run it in a virtual environment that has TRL 1.16 (TRL is not a dependency of this project):
 
     python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch==2.13.0 "trl==1.16.*"
-    /tmp/trl/bin/python scripts/trl_grpo_loss_parity.py
+    /tmp/trl/bin/python -m experiments.trl_grpo_loss_parity
 
 TRL's `GRPOTrainer._compute_loss` runs unchanged on a stand-in trainer whose only model call,
 `_get_per_token_logps_and_entropies`, returns the log-probs given here; ours is ppo_loss.ppo_loss

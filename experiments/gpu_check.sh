@@ -2,10 +2,10 @@
 # The project's checks on one CUDA GPU, in one command and one report file (docs/performance.md,
 # "On a GPU"). Under 8 minutes was the aim on one H100 or H200; each part has its own time limit.
 #
-#     bash scripts/gpu_check.sh [REPORT]        # default REPORT: gpu_check_report.txt
+#     bash experiments/gpu_check.sh [REPORT]        # default REPORT: gpu_check_report.txt
 #
 # 1. the suite (test_all.py) on the GPU machine: the CUDA tests run, the CPU tests say so
-# 2. bench.py --device cuda, fp32 and bf16, at batch 16 and 128 (GPT-2 small shape)
+# 2. experiments/bench.py --device cuda, fp32 and bf16, at batch 16 and 128 (GPT-2 small shape)
 # 3. a 50-step `ppo_rlhf.py --tiny --device cuda`, fp32 and bf16
 # 4. `torchrun --nproc_per_node 1 ppo_rlhf.py --tiny --device cuda --fsdp` for 5 steps: FSDP2 over
 #    NCCL, with the memory line (measured / planned bytes, and the allocator's peak)
@@ -13,7 +13,7 @@
 set -uo pipefail
 report="${1:-gpu_check_report.txt}"
 if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    echo "scripts/gpu_check.sh: this machine has no CUDA GPU (torch.cuda.is_available() is False): run it on one that has"
+    echo "experiments/gpu_check.sh: this machine has no CUDA GPU (torch.cuda.is_available() is False): run it on one that has"
     exit 1
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -35,7 +35,7 @@ part() {  # part TITLE SECONDS COMMAND...: run it, keep its last lines and its t
 part "suite" 300 python -m pytest -q -x test_all.py
 for dtype in fp32 bf16; do
     for batch in 16 128; do
-        part "bench gpt2 $dtype batch $batch" 120 python bench.py --device cuda --dtype "$dtype" --batch-size "$batch" --iters 5
+        part "bench gpt2 $dtype batch $batch" 120 python -m experiments.bench --device cuda --dtype "$dtype" --batch-size "$batch" --iters 5
     done
 done
 for dtype in fp32 bf16; do

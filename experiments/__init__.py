@@ -1,0 +1,13 @@
+"""Experiments: whatever runs many runs to draw a figure or time the code, apart from what is learned.
+
+Run each from the repository root as a module, so that it imports the root's files:
+
+    python -m experiments.bench            # time PPO iterations (docs/performance.md)
+    python -m experiments.overoptimization # step 2 and over-optimization (docs/reward-model.md)
+    python -m experiments.frontier         # DPO's frontier, gold score against KL (docs/dpo.md)
+    python -m experiments.objectives       # the objective's variants on --tiny (docs/objectives.md)
+
+Each writes the numbers its page is made from into docs/ (a JSON file and a figure). The scripts
+named trl_* run in TRL's own virtual environment (their docstrings give the commands), and
+gpu_check.sh on a CUDA machine (`bash experiments/gpu_check.sh`).
+"""
