@@ -21,9 +21,10 @@ def fields_in_order(config_class) -> list:
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-def parse_config(config_class, argv, description: str, groups: dict, tiny_overrides: dict):
+def parse_config(config_class, argv, description: str, groups: dict, tiny_overrides: dict, task_overrides=None):
     """The config the command line asks for: the class's defaults, then, with --tiny,
-    `tiny_overrides`, then the flags given (a flag given always wins over --tiny).
+    `tiny_overrides`, then, with --task, `task_overrides`, then the flags given (a flag given
+    always wins over --tiny and --task).
 
     Args:
         config_class: a dataclass whose fields are built with `arg`; a bool field becomes
@@ -31,7 +32,7 @@ def parse_config(config_class, argv, description: str, groups: dict, tiny_overri
         argv: the arguments, or None for sys.argv.
         description: the first line of --help.
         groups: {first field of a group: its heading in --help}, in the order of the fields.
-        tiny_overrides: the fields --tiny sets.
+        tiny_overrides: the fields --tiny sets; task_overrides: those --task sets (ppo_rlhf.py's).
     """
     parser = argparse.ArgumentParser(description=description)
     group = parser
@@ -43,7 +44,10 @@ def parse_config(config_class, argv, description: str, groups: dict, tiny_overri
         default = f"default: {f.default}" + (f"; --tiny: {tiny_overrides[f.name]}" if f.name in tiny_overrides else "")
         if f.name == "tiny":
             default = "sets " + ", ".join(f"{flag(k)} {v}" for k, v in tiny_overrides.items() if k != "tiny")
+        if f.name == "task" and task_overrides:
+            default = "sets " + ", ".join(f"{flag(k)} {v}" for k, v in task_overrides.items())
         # SUPPRESS keeps flags that were not given out of the result, so --tiny can fill them.
         group.add_argument(flag(f.name), default=argparse.SUPPRESS, help=f"{f.metadata['help']} ({default})", **kind)
     given = vars(parser.parse_args(argv))
-    return dataclasses.replace(config_class(), **{**(tiny_overrides if given.get("tiny") else {}), **given})
+    presets = {**(tiny_overrides if given.get("tiny") else {}), **(task_overrides if given.get("task") else {})}
+    return dataclasses.replace(config_class(), **{**presets, **given})

@@ -20,12 +20,13 @@ import trackers
 from command_line import arg, parse_config
 from distributed import DIST_TIMEOUT
 from logprobs import ROW_TOKENS
-from errors import check_config
+from errors import ConfigError, check_config
 from ppo_loss import IS_CORRECTIONS, LOSS_AGGS
 from rewards import KL_KINDS
 
 # The advantage estimators: GAE with the critic (gae.py), or from groups of K (group_advantages.py).
 ESTIMATORS = ("gae", "rloo", "grpo")
+TASKS = ("sums",)  # --task: the verifiable tasks of the tiny world (task.py)
 
 
 @dataclass
@@ -94,6 +95,8 @@ class RunConfig:
     save_every: int = arg(0, "also save a checkpoint every N steps (0 = only at the end)")
     sample_every: int = arg(10, "print a few decoded samples every N steps (0 = never)")
     eval_prompts: int = arg(64, "held-out prompts answered by reference and trained policy at the end")
+    eval_every: int = arg(0, "with --task: held-out pass@1 every N steps, besides the start and the end (0: never)")
+    eval_samples: int = arg(8, "with --task: samples per held-out problem for pass@1 (the unbiased estimator)")
     explain: bool = arg(False, "run one PPO step on 4 prompts (2 × K for rloo and grpo), print every tensor")
     explain_after: int = arg(0, "with --explain: first train this many steps, so that the step explained shows "
                                 "the KL penalty, the values and the clipping at work (at step 1 all are 0)")
@@ -109,8 +112,13 @@ class Config(ObjectiveConfig, RunConfig):
     model: str = arg("lvwerra/gpt2-imdb", "policy to start from: a Hub id or a local folder")
     reward_model: str = arg("lvwerra/distilbert-imdb", "text classifier whose logit is the score")
     reward_label: str = arg("POSITIVE", "the classifier label whose raw logit is the score")
-    reward_fn: str = arg("", "score with a Python function instead of the classifier: path/to/file.py:name "
-                              "or module:name, taking a list of texts and returning a list of floats")
+    reward_fn: str = arg("", "score with Python functions instead of the classifier: path/to/file.py:name or "
+                              "module:name, several comma-separated and summed; each takes a list of texts, or "
+                              "TRL's prompts=, completions= and the dataset's columns, and returns a list of floats")
+    reward_weights: str = arg("", "a weight per --reward-fn function, comma-separated, as TRL's reward_weights; "
+                                  "default 1 each")
+    task: str = arg("", "with --tiny: a verifiable task instead of the sentiment classifier: sums (task.py), "
+                        "its own starting policy and problems, rewards from its checker, held-out pass@1 logged")
     gold_reward_model: str = arg("", "a second classifier, never trained on: its score of the same texts is "
                                       "logged as gold_score (the truth a learned --reward-model stands for)")
     gold_reward_fn: str = arg("", "the same, a Python function as for --reward-fn; with --tiny and "
@@ -118,6 +126,8 @@ class Config(ObjectiveConfig, RunConfig):
     dataset: str = arg("imdb", "prompts: a Hub dataset, a CSV/JSON/parquet file or a saved dataset")
     dataset_split: str = arg("train", "split of the dataset to take prompts from")
     text_column: str = arg("text", "column of the dataset holding the review text")
+    prompt_column: str = arg("", "take each prompt whole from this column, and hand the row's other columns (a "
+                                 "gold answer) to --reward-fn functions; empty: a review's first 2–7 tokens")
     min_review_chars: int = arg(200, "keep only reviews longer than this many characters")
     tiny: bool = arg(False, "offline: the policy, reward model and prompts of tiny.py's world")
     # episode shape
@@ -158,6 +168,10 @@ class Config(ObjectiveConfig, RunConfig):
         trackers.parse(self.report_to)  # one line saying how to install a missing tracker, before any work
         if self.lora_rank:
             lora.import_peft()  # one line saying how to install peft, before any work
+        if self.task and self.task not in TASKS:
+            raise ConfigError(f"--task {self.task}: choose one of {', '.join(TASKS)}")
+        if self.task and not self.tiny:
+            raise ConfigError(f"--task {self.task} runs in the tiny world: add --tiny")
 
 
 # --tiny: tiny.py's world at a batch that runs in seconds; β, its target and horizon as in the real run.
@@ -165,9 +179,18 @@ TINY_OVERRIDES = dict(tiny=True, batch_size=32, mini_batch_size=16, lr=2e-4, ste
                       min_review_chars=0, output_dir="runs/tiny")  # fmt: skip
 
 
+# --task sums (with --tiny): the task world's policy and problems, TRL-form rewards from the checker
+# (accuracy, and a format reward weighted 0.1 as TinyZero weighs its format score), GRPO as RLVR
+# trainers run it, responses long enough for "<answer> d d d d </answer>" and EOS.
+TASK_OVERRIDES = dict(prompt_column="prompt", reward_fn="task:accuracy_reward,task:format_reward",
+                      reward_weights="1,0.1", advantage_estimator="grpo", response_min_len=8, response_max_len=8,
+                      eval_every=5, output_dir="runs/tiny-sums")  # fmt: skip
+
+
 def tiny_config(**overrides) -> Config:
-    """Config defaults, then TINY_OVERRIDES, then `overrides`."""
-    return dataclasses.replace(Config(), **{**TINY_OVERRIDES, **overrides})
+    """Config defaults, then TINY_OVERRIDES, then TASK_OVERRIDES if `overrides` name a task, then `overrides`."""
+    task = TASK_OVERRIDES if overrides.get("task") else {}
+    return dataclasses.replace(Config(), **{**TINY_OVERRIDES, **task, **overrides})
 
 
 HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "advantage_estimator": "PPO",
@@ -178,4 +201,4 @@ HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shap
 def parse_args(argv=None) -> Config:
     """The Config that `python ppo_rlhf.py ...` asks for (argv None: sys.argv)."""
     return parse_config(Config, argv, "RLHF with PPO: make GPT-2 write positive IMDB reviews.", HELP_GROUPS,
-                        TINY_OVERRIDES)  # fmt: skip
+                        TINY_OVERRIDES, TASK_OVERRIDES)  # fmt: skip

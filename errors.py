@@ -91,12 +91,12 @@ def check_config(cfg, estimators) -> None:
     can use; `estimators` are the names --advantage-estimator accepts."""
     defaults = type(cfg)()
     for name in ["query_min_len", "response_min_len", "batch_size", "mini_batch_size", "ppo_epochs", "lr",
-                 "kl_target", "kl_horizon", "dist_timeout"]:  # fmt: skip
+                 "kl_target", "kl_horizon", "dist_timeout", "eval_samples"]:  # fmt: skip
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ["steps", "init_kl_coef", "save_every", "sample_every", "eval_prompts", "min_review_chars",
                  "cliprange", "cliprange_value", "vf_coef", "group_size", "reward_batch_size", "lora_rank",
-                 "lora_alpha", "lora_dropout", "explain_after"]:  # fmt: skip
+                 "lora_alpha", "lora_dropout", "explain_after", "eval_every"]:  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
     if cfg.batch_size % cfg.mini_batch_size:

@@ -193,13 +193,67 @@ def on_device(classifier, device):
     return classifier
 
 
-def load_reward_fn(spec: str, flag: str = "--reward-fn"):
-    """A score function from `path/to/file.py:name` or `module:name`: a Python function from a
-    list of B texts to B floats, used instead of a classifier. What it returns is checked on
-    every call; anything unusable stops the run with one ConfigError line."""
+def load_reward_fn(spec: str, flag: str = "--reward-fn", weights: str = ""):
+    """A score function from Python functions, used instead of a classifier.
+
+    `spec` is one function, `path/to/file.py:name` or `module:name`, or several separated by
+    commas; their rewards are summed, each times its weight (`weights`, a comma list; default 1
+    each), as TRL's `reward_weights` sums its reward functions. A function is called in one of
+    two forms, told apart by its parameters:
+
+        fn(texts) → floats                                  the texts, query + response, as a
+                                                            classifier reads them
+        fn(prompts=…, completions=…, **columns) → floats    TRL's form: the prompts, the
+                                                            completions alone, and the dataset's
+                                                            other columns (a task's gold answers)
+
+    A None among the floats (TRL's "this function does not apply here") adds nothing. What a
+    function returns is checked on every call; anything unusable stops the run with one ConfigError line.
+
+    Returns:
+        score_fn(texts, prompts=None, completions=None, **columns) → (B,) fp32.
+    """
+    import inspect
+    import math
+
+    fns = [(one, _import_function(one, flag)) for one in spec.split(",")]
+    try:
+        scale = [float(w) for w in weights.split(",")] if weights else [1.0] * len(fns)
+    except ValueError:
+        raise ConfigError(f"--reward-weights {weights}: write one number per function, comma-separated") from None
+    if len(scale) != len(fns):
+        raise ConfigError(f"--reward-weights {weights}: {len(scale)} weights for {len(fns)} functions in {flag}")
+    trl_form = ["completions" in inspect.signature(fn).parameters for _, fn in fns]
+
+    def score_fn(texts, prompts=None, completions=None, **columns):
+        total = [0.0] * len(texts)
+        for (one, fn), weight, trl in zip(fns, scale, trl_form):
+            if trl and completions is None:
+                raise ConfigError(f"{flag} {one} takes completions (TRL's form): use it in ppo_rlhf.py's loop")
+            try:
+                raw = fn(prompts=list(prompts), completions=list(completions), **columns) if trl else fn(list(texts))
+                values = [0.0 if v is None and trl else float(v) for v in raw]
+            except Exception as e:
+                how = "prompts, completions and the dataset's columns" if trl else "a list of texts"
+                raise ConfigError(f"{flag} {one} failed ({type(e).__name__}: {first_line(e)}); it must take "
+                                  f"{how} and return a list of floats") from None  # fmt: skip
+            if len(values) != len(texts):
+                raise ConfigError(f"{flag} {one} returned {len(values)} values for {len(texts)} texts: "
+                                  "it must return one float per text")  # fmt: skip
+            bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+            if bad:
+                raise ConfigError(f"{flag} {one} returned {values[bad[0]]} for text {bad[0]} ({texts[bad[0]]!r}): "
+                                  "every score must be a finite number")  # fmt: skip
+            total = [t + weight * v for t, v in zip(total, values)]
+        return torch.tensor(total, dtype=torch.float32)  # (B,)
+
+    return score_fn
+
+
+def _import_function(spec: str, flag: str):
+    """The function `path/to/file.py:name` or `module:name` names, or one ConfigError line."""
     import importlib
     import importlib.util
-    import math
 
     where, _, name = spec.rpartition(":")
     if not where or not name:
@@ -219,23 +273,7 @@ def load_reward_fn(spec: str, flag: str = "--reward-fn"):
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"{flag} {spec}: {where} has no function {name!r}")
-
-    def score_fn(texts):
-        try:
-            values = [float(v) for v in fn(list(texts))]
-        except Exception as e:
-            raise ConfigError(f"{flag} {spec} failed ({type(e).__name__}: {first_line(e)}); it must take a "
-                              "list of texts and return a list of floats") from None  # fmt: skip
-        if len(values) != len(texts):
-            raise ConfigError(f"{flag} {spec} returned {len(values)} values for {len(texts)} texts: "
-                              "it must return one float per text")  # fmt: skip
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            raise ConfigError(f"{flag} {spec} returned {values[bad[0]]} for text {bad[0]} ({texts[bad[0]]!r}): "
-                              "every score must be a finite number")  # fmt: skip
-        return torch.tensor(values, dtype=torch.float32)  # (B,)
-
-    return score_fn
+    return fn
 
 
 def load_table(dataset: str, split: str):
@@ -356,6 +394,36 @@ def load_queries(dataset: str, tokenizer, cfg, generator):
         raise ConfigError(f"only {len(train)} training prompts (of {len(queries)}; the others are held out), fewer "
                           f"than --batch-size {cfg.batch_size}: lower --batch-size or use a larger dataset")  # fmt: skip
     return held[: cfg.eval_prompts], train
+
+
+def load_prompts(dataset: str, tokenizer, cfg, generator) -> tuple:
+    """The run's queries with the columns the reward functions read, as (held-out, training) pairs
+    of (queries, columns): token-id lists, and {column: one value per query}.
+
+    Without --prompt-column these are `load_queries`' review prefixes and no columns. With it, each
+    prompt is a row's whole text in that column (a task's problem), held out by its text as
+    `split_held_out` holds reviews out, and columns holds the row's other values (its gold answer).
+    """
+    if not cfg.prompt_column:
+        held, train = load_queries(dataset, tokenizer, cfg, generator)
+        return (held, {}), (train, {})
+    table = load_table(dataset, cfg.dataset_split)
+    if cfg.prompt_column not in table.column_names:
+        raise ConfigError(f"--prompt-column {cfg.prompt_column}: {dataset} has the columns "
+                          f"{', '.join(table.column_names)}")  # fmt: skip
+    rows = [table[i] for i in torch.randperm(len(table), generator=generator).tolist()]
+    held, train = [], []
+    for row in rows:
+        (held if is_held_out(row[cfg.prompt_column]) else train).append(row)
+    if len(train) < cfg.batch_size // cfg.responses_per_prompt:
+        raise ConfigError(f"only {len(train)} training prompts in {dataset}, fewer than a batch needs: lower "
+                          "--batch-size or use a larger dataset")  # fmt: skip
+
+    def queries_and_columns(rows):
+        ids = [tokenizer(row[cfg.prompt_column])["input_ids"] for row in rows]
+        return ids, {c: [row[c] for row in rows] for c in table.column_names if c != cfg.prompt_column}
+
+    return queries_and_columns(held[: cfg.eval_prompts]), queries_and_columns(train)
 
 
 def left_pad(queries, pad_id: int, device):

@@ -182,8 +182,10 @@ def packs_exactly(model) -> tuple:
     if inner in _PACKS_EXACTLY:
         return _PACKS_EXACTLY[inner]
     device = next(getattr(inner, "policy", inner).parameters()).device  # lora.AdaptersOff: the policy's
-    a = torch.tensor([5, 17, 3, 11, 2, 29, 7], device=device)  # any ids: every vocabulary has these
-    b = torch.tensor([13, 4, 23, 8, 19], device=device)
+    modules = getattr(inner, "policy", inner).modules()  # lora.AdaptersOff: the policy's
+    vocab = next(m for m in modules if isinstance(m, torch.nn.Embedding)).num_embeddings  # the tokens'
+    a = torch.tensor([5, 17, 3, 11, 2, 29, 7], device=device) % vocab  # any ids, within a vocabulary of any size
+    b = torch.tensor([13, 4, 23, 8, 19], device=device) % vocab
     positions = lambda x: torch.arange(len(x), device=device)  # noqa: E731
     with torch.no_grad(), torch.autocast(device.type, enabled=False):  # without `keep`: (1, n, V) logits
         packed = _call(inner, torch.cat([a, b])[None], torch.cat([positions(a), positions(b)])[None], None, None)[0][0]

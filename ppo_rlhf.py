@@ -39,14 +39,16 @@ import distributed
 import report
 import tiny
 import trackers
-from config import TINY_OVERRIDES, Config, parse_args
+import task
+from config import TASK_OVERRIDES, TINY_OVERRIDES, Config, parse_args
 from errors import NonFiniteError, RunError, check_finite
 from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
 from group_advantages import grpo_advantages, rloo_advantages, sequence_rewards
-from loading import fork_rng, left_pad, load_policy_and_tokenizer, load_queries, load_reward_fn, load_score_fn
+from loading import fork_rng, left_pad, load_policy_and_tokenizer, load_prompts, load_reward_fn, load_score_fn
 from loading import load_scorer, make_autocast, offline_if_hub_unreachable, prepare_training, resolve_device
 from loading import reward_batch_size, seed_everything
 from logprobs import batched_forward_pass
+from pass_at_k import mean_pass_at_k
 from ppo_loss import aggregate, is_weights, ppo_loss, sampler_mismatch
 from rewards import kl_loss_terms, kl_shaped_rewards
 from sampling import SamplerLogprobs, cut_responses, decode_texts, sampling_processors
@@ -151,14 +153,16 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
 
 
 def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast,
-             explain=False):  # fmt: skip
+             columns=None, explain=False):  # fmt: skip
     """One PPO step on one batch of queries: phases 1 to 7 of the module docstring.
 
     Args:
         policy, ref_model, optimizer, kl_ctl, tokenizer, cfg: as `main` builds them.
         query_ids, query_mask: (B, Q) left-padded queries.
-        score_fn: B texts → (B,) scores.
+        score_fn: B texts (query + response) → (B,) scores; called with prompts=, completions= and the
+            columns as keywords too, which a classifier's ignores and TRL-form functions read (loading.py).
         autocast: a function returning the autocast context (a no-op for fp32).
+        columns: {column: a value per query} for the reward functions (a task's gold answers), or None.
         explain: also keep every minibatch's tensors in trace["minibatches"].
 
     Returns:
@@ -176,10 +180,14 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
                                                             autocast)  # fmt: skip
     timer("rollout")
 
-    # 2. score (tutorial: "The reward model calculates a reward for the output")
+    # 2. score (tutorial: "The reward model calculates a reward for the output"); a reward function
+    # in TRL's form reads the prompts, the completions and the dataset's columns instead of the texts
     texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
+    columns = {k: [v for v in values for _ in range(K)] for k, values in (columns or {}).items()}  # as the rows
+    prompts, completions = decode_texts(tokenizer, query_ids, query_mask), decode_texts(tokenizer, response_ids,
+                                                                                      response_mask)  # fmt: skip
     with distributed.together():  # [ddp] a --reward-fn failing on one rank stops every rank with its line
-        scores = score_fn(texts).to(query_ids.device)  # (B,)
+        scores = score_fn(texts, prompts=prompts, completions=completions, **columns).to(query_ids.device)  # (B,)
     timer("score")
 
     # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
@@ -263,7 +271,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
 # ------------------------------------------------------------------------------ the run
 
 
-def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, gold_fn=None):
+def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, gold_fn=None, columns=None):
     """B responses (strings) of `model`, policy or reference, to the held-out queries, their B
     scores, and their B gold scores (or None). The run's seed in a forked RNG: both models get the
     same lengths; training's is kept. Under torchrun every rank answers the same prompts alike
@@ -272,10 +280,27 @@ def evaluate_held_out(model, tokenizer, score_fn, query_ids, query_mask, cfg, au
         torch.manual_seed(cfg.seed)
         response_ids, response_mask, _ = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id, autocast)
     texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
+    prompts, completions = decode_texts(tokenizer, query_ids, query_mask), decode_texts(tokenizer, response_ids,
+                                                                                      response_mask)  # fmt: skip
     with distributed.together():  # [ddp]
         gold = gold_fn(texts).tolist() if gold_fn else None
-        scores = score_fn(texts).tolist()
-    return decode_texts(tokenizer, response_ids, response_mask), scores, gold
+        scores = score_fn(texts, prompts=prompts, completions=completions, **(columns or {})).tolist()
+    return completions, scores, gold
+
+
+def held_out_correct(model, tokenizer, query_ids, query_mask, solutions, cfg, autocast) -> torch.Tensor:
+    """--task: (P, n) bool, whether each of n = cfg.eval_samples samples of `model` solves each of
+    the P held-out problems, read by the task's checker (task.check); pass_at_k.py turns it into
+    pass@k. The run's seed in a forked RNG, so training's stream is kept and every evaluation draws alike."""
+    n = cfg.eval_samples
+    with fork_rng(query_ids.device):
+        torch.manual_seed(cfg.seed)
+        response_ids, response_mask, _ = rollout(model, query_ids.repeat_interleave(n, 0),
+                                                 query_mask.repeat_interleave(n, 0), cfg, tokenizer.eos_token_id,
+                                                 autocast)  # (P·n, T)  # fmt: skip
+    completions = decode_texts(tokenizer, response_ids, response_mask)
+    correct = torch.tensor([task.check(c, s) for c, s in zip(completions, [s for s in solutions for _ in range(n)])])
+    return correct.view(len(solutions), n)  # (P, n)
 
 
 def main(cfg: Config) -> list:
@@ -297,12 +322,13 @@ def main(cfg: Config) -> list:
     autocast = make_autocast(device, cfg.dtype)
     learned = cfg.tiny and cfg.reward_model != Config.reward_model  # --tiny against a learned reward model
     gold = cfg.gold_reward_fn or cfg.gold_reward_model or ("tiny:judge" if learned else "")
-    score_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None  # a bad --reward-fn fails before any work
+    score_fn = load_reward_fn(cfg.reward_fn, weights=cfg.reward_weights) if cfg.reward_fn else None  # before any work
 
     with distributed.once_per_node():  # [ddp] one process per disk builds the --tiny world, the others read it
-        model, reward_model, dataset = tiny.ensure_world() if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
+        model, reward_model, dataset = tiny.ensure(cfg.task) if cfg.tiny else (cfg.model, cfg.reward_model, cfg.dataset)
     reward_model = cfg.reward_model if learned else reward_model
-    print(report.config_line(cfg, TINY_OVERRIDES, model=model, reward_model=reward_model, dataset=dataset))
+    presets = {**TINY_OVERRIDES, **(TASK_OVERRIDES if cfg.task else {})}
+    print(report.config_line(cfg, presets, model=model, reward_model=reward_model, dataset=dataset))
     offline_if_hub_unreachable(model, dataset, cfg.reward_fn or reward_model, gold)
     reward = f"the function {cfg.reward_fn}" if cfg.reward_fn else f"the reward model from {reward_model}"
     print(f"loading the policy from {model}, {reward}, prompts from {dataset}" + (f"; gold: {gold}" if gold else ""))
@@ -314,13 +340,13 @@ def main(cfg: Config) -> list:
     flag = "--gold-reward-model" if cfg.gold_reward_model else "--gold-reward-fn"
     gold_fn = load_scorer(gold, cfg.reward_label, reward_batch, device, flag) if gold else None  # never trained on
     prompt_rng = torch.Generator().manual_seed(cfg.seed)  # query lengths and data order, alike on all ranks
-    eval_queries, queries = load_queries(dataset, tokenizer, cfg, prompt_rng)  # held out, training
+    (eval_queries, eval_columns), (queries, columns) = load_prompts(dataset, tokenizer, cfg, prompt_rng)
     n_eval = len(eval_queries)
 
     K = cfg.responses_per_prompt
     if cfg.explain:  # one step on 4 prompts (2 groups of K for rloo and grpo), every tensor printed; nothing is saved
         return report.explain_run(ppo_step, policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, queries, cfg,
-                                  autocast, device)  # fmt: skip
+                                  autocast, device, columns)  # fmt: skip
 
     prompts_per_step = cfg.batch_size // K  # --batch-size counts episodes: prompts × K responses
     steps_per_pass = len(queries) // prompts_per_step
@@ -330,7 +356,13 @@ def main(cfg: Config) -> list:
           f"episodes{groups} on {world} × {device}")  # fmt: skip
     if n_eval:
         eval_ids, eval_mask = left_pad(eval_queries, tokenizer.pad_token_id, device)
-        before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn)
+        before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn,
+                                   eval_columns)  # fmt: skip
+    if cfg.task and n_eval:  # RLVR's measure: the share of held-out problems solved, per sample
+        solutions = eval_columns["solution"]
+        start_pass = mean_pass_at_k(held_out_correct(ref_model, tokenizer, eval_ids, eval_mask, solutions, cfg,
+                                                     autocast), [1])[1]  # fmt: skip
+        print(f"held-out pass@1 of the starting policy: {start_pass:.3f} ({n_eval} problems × {cfg.eval_samples})")
     order, start = torch.randperm(len(queries), generator=prompt_rng), 0
     if cfg.resume:  # the weights were loaded in prepare_training
         start, order = checkpoint.restore_state(cfg.resume, policy, optimizer, kl_ctl, prompt_rng)
@@ -347,20 +379,24 @@ def main(cfg: Config) -> list:
             if step and step % steps_per_pass == 0:
                 order = torch.randperm(len(queries), generator=prompt_rng)  # next pass, new order
             first = (step % steps_per_pass) * prompts_per_step + rank * per_rank  # [ddp] this rank's shard
-            batch_queries = [queries[i] for i in order[first : first + per_rank]]
-            query_ids, query_mask = left_pad(batch_queries, tokenizer.pad_token_id, device)  # (B, Q)
+            picked = order[first : first + per_rank].tolist()
+            query_ids, query_mask = left_pad([queries[i] for i in picked], tokenizer.pad_token_id, device)  # (B, Q)
+            batch_columns = {k: [v[i] for i in picked] for k, v in columns.items()}  # a task's gold answers
             try:
                 record, trace = ppo_step(train_policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids,
-                                         query_mask, rank_cfg, autocast)  # fmt: skip
+                                         query_mask, rank_cfg, autocast, batch_columns)  # fmt: skip
                 with distributed.together():  # [ddp]
                     gold = {"gold_score": gold_fn(trace["texts"]).mean().item()} if gold_fn else {}
+                if cfg.task and n_eval and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                    gold["pass@1"] = mean_pass_at_k(held_out_correct(policy, tokenizer, eval_ids, eval_mask, solutions,
+                                                                     cfg, autocast), [1])[1]  # fmt: skip
             except RunError as e:  # NaN or inf, or a --reward-fn that returned something unusable
                 raise type(e)(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
             if (world > 1 or cfg.fsdp) and step == start:  # [ddp] what each process holds, beside the plan
                 print(report.memory_line(distributed.measured_bytes(policy, optimizer, ref_model),
                                          distributed.memory_plan(policy, world, cfg.fsdp, cfg.dtype), device))  # fmt: skip
-            record = {"step": step + 1, **record, **({"fluency": tiny.fluency(trace["texts"])} if cfg.tiny else {}),
-                      **gold}  # fmt: skip
+            fluency = {"fluency": tiny.fluency(trace["texts"])} if cfg.tiny and not cfg.task else {}
+            record = {"step": step + 1, **record, **fluency, **gold}
             record = distributed.mean({**record, "stop": float(stop.asked)})  # [ddp] stats over ranks
             stopping = record.pop("stop") > 0
             history.append(record)
@@ -382,10 +418,16 @@ def main(cfg: Config) -> list:
     checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, steps, cfg, prompt_rng, order)
     print(f"saved policy, value head and tokenizer to {cfg.output_dir}")
     if n_eval:
-        after = evaluate_held_out(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn)
+        after = evaluate_held_out(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn,
+                                  eval_columns)  # fmt: skip
         query_texts = tokenizer.batch_decode(eval_queries, skip_special_tokens=True)
         if rank == 0:
-            report.write_samples(cfg.output_dir, query_texts, before, after, tiny.is_fluent if cfg.tiny else None)
+            report.write_samples(cfg.output_dir, query_texts, before, after,
+                                 tiny.is_fluent if cfg.tiny and not cfg.task else None)  # fmt: skip
+    if cfg.task and n_eval:
+        end_pass = mean_pass_at_k(held_out_correct(policy, tokenizer, eval_ids, eval_mask, solutions, cfg, autocast),
+                                  [1])[1]  # fmt: skip
+        print(f"held-out pass@1: {start_pass:.3f} before training, {end_pass:.3f} after")
     if rank == 0:
         report.plot_curves(cfg.output_dir, cfg.kl_target)
     return history

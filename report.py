@@ -142,21 +142,28 @@ def explain(trace: dict, record: dict, tokenizer, cfg, step: int = 1) -> None:
 
 
 def explain_run(ppo_step, policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, queries, cfg, autocast,
-                device) -> list:  # fmt: skip
+                device, columns=None) -> list:  # fmt: skip
     """`--explain`: `cfg.explain_after` training steps on the prompts in order (so that the KL,
     the values and the clipping have grown), then one step on 4 prompts (2 groups of K for rloo
-    and grpo) printed by `explain`. Nothing is saved. Returns [the step's record, with its trace]."""
+    and grpo) printed by `explain`. Nothing is saved. `columns`: {column: a value per query}, for
+    the reward functions (a task's gold answers). Returns [the step's record, with its trace]."""
     from loading import left_pad
 
     K = cfg.responses_per_prompt
     per_step = cfg.batch_size // K
+    columns = columns or {}
+
+    def picked(rows):  # the queries of `rows`, and their columns
+        return [queries[i] for i in rows], {k: [v[i] for i in rows] for k, v in columns.items()}
+
     for i in range(cfg.explain_after):
-        batch_queries = [queries[(i * per_step + j) % len(queries)] for j in range(per_step)]
+        batch_queries, batch_columns = picked([(i * per_step + j) % len(queries) for j in range(per_step)])
         ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn,
-                 *left_pad(batch_queries, tokenizer.pad_token_id, device), cfg, autocast)  # fmt: skip
-    query_ids, query_mask = left_pad(queries[: max(2, 4 // K)], tokenizer.pad_token_id, device)
+                 *left_pad(batch_queries, tokenizer.pad_token_id, device), cfg, autocast, batch_columns)  # fmt: skip
+    batch_queries, batch_columns = picked(range(max(2, 4 // K)))
+    query_ids, query_mask = left_pad(batch_queries, tokenizer.pad_token_id, device)
     record, trace = ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg,
-                             autocast, explain=True)  # fmt: skip
+                             autocast, batch_columns, explain=True)  # fmt: skip
     explain(trace, record, tokenizer, cfg, step=cfg.explain_after + 1)
     return [dict(record, trace=trace)]
 
@@ -191,6 +198,7 @@ def print_step(record: dict, trace: dict, sample_every: int) -> None:
 
     r, t = record, record["time"]
     fluency = f"  fluent {r['fluency']:.2f}" if "fluency" in r else ""
+    fluency += f"  pass@1 {r['pass@1']:.3f}" if "pass@1" in r else ""  # --task: on the held-out problems
     second = f"vf {r['vf_loss']:.4f}" if "vf_loss" in r else f"klL {r['kl_loss']:.4f}" if "kl_loss" in r else "no vf"
     tqdm.write(
         f"step {r['step']:4d}  score {r['score']:+.3f}  kl {r['kl']:+.3f}  β {r['kl_coef']:.4f}{fluency}  "
@@ -353,7 +361,7 @@ def phase_3_layout(policy, row_tokens: int) -> str:
 
 def config_line(cfg, tiny_overrides: dict, **paths) -> str:
     """`config: {...}` as the run uses it: with --tiny, the world's paths in place of the Hub
-    names, and which settings --tiny chose."""
+    names, and which settings --tiny (and --task, whose overrides the caller adds) chose."""
     shown = {**{f.name: getattr(cfg, f.name) for f in fields_in_order(type(cfg))}, **(paths if cfg.tiny else {})}
     tiny = ", ".join(f"{k}={v}" for k, v in tiny_overrides.items() if k != "tiny" and getattr(cfg, k) == v)
     tiny = textwrap.fill(f"--tiny set: {tiny}", width=100, subsequent_indent="  ")

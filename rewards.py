@@ -113,10 +113,11 @@ def pipeline_scorer(classifier, label: str = "POSITIVE", batch_size: int = 16):
         batch_size: texts per forward pass of the classifier.
 
     Returns:
-        score_fn: B texts → (B,) fp32 raw logits of `label`.
+        score_fn: B texts → (B,) fp32 raw logits of `label`; it reads the whole texts, query and
+        response, and takes no other argument the loop may pass (prompts, completions, columns).
     """
 
-    def score_fn(texts):
+    def score_fn(texts, **_):
         # top_k=None: every label, sorted by score (so look `label` up by name); "none": raw logits.
         outputs = classifier(texts, top_k=None, function_to_apply="none", truncation=True, batch_size=batch_size)
         return scores_from_pipeline(outputs, label)

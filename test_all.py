@@ -35,9 +35,11 @@ import loading
 import logprobs
 import lora
 import ppo_loss
+import pass_at_k
 import ppo_rlhf
 import report
 import sampling
+import task
 import reward_model
 import rewards
 import tiny
@@ -51,7 +53,7 @@ from value_head import CausalLMWithValueHead
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONCEPT_FILES = ["value_head.py", "logprobs.py", "rewards.py", "gae.py", "ppo_loss.py", "group_advantages.py",
-                 "reward_model.py", "dpo.py"]
+                 "reward_model.py", "dpo.py", "pass_at_k.py"]
 slow = pytest.mark.slow
 
 
@@ -156,7 +158,8 @@ def public_functions(module):
                     yield f"{name}.{meth_name}", meth
 
 
-@pytest.mark.parametrize("module", [value_head, logprobs, rewards, gae, ppo_loss, group_advantages, reward_model])
+@pytest.mark.parametrize("module", [value_head, logprobs, rewards, gae, ppo_loss, group_advantages, reward_model,
+                                    pass_at_k])  # fmt: skip
 def test_docstring_args_match_signatures(module):
     """The names listed under Args: of each public function are exactly its parameters."""
     checked = 0
@@ -1436,6 +1439,158 @@ def test_cli_help_groups_and_tiny_overrides(capsys):
     assert config.ESTIMATORS == ("gae", *ppo_rlhf.GROUP_ESTIMATORS)  # the flag's choices are the loop's
 
 
+# ---------------------------------------------------------------------------------------------
+# --task sums: a verifiable reward, pass@k
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pass_at_k_equals_the_count_over_every_subset_of_k():
+    """Chen et al.'s estimator against its definition: over every subset of k of the n samples,
+    the share holding a correct one; for every n ≤ 8, c ≤ n, k ≤ n. Then where the binomials
+    are too large for floats, against exact integers, and the refusals."""
+    import itertools
+
+    for n in range(1, 9):
+        for c in range(n + 1):
+            samples = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(samples, k))
+                exact = sum(any(s) for s in subsets) / len(subsets)
+                assert pass_at_k.pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12), (n, c, k)
+    n, c, k = 2000, 3, 700  # C(2000, 700) has 570 digits: the product form stays finite
+    exact = 1 - math.comb(n - c, k) / math.comb(n, k)  # Python's integers, then one division
+    assert pass_at_k.pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-9)
+    correct = torch.tensor([[True, False, False, False], [False] * 4, [True] * 4])  # (P, n)
+    assert pass_at_k.mean_pass_at_k(correct, [1, 4]) == pytest.approx({1: (0.25 + 0 + 1) / 3, 4: 2 / 3})
+    assert pass_at_k.cover_at_tau(correct, [0.2, 0.5, 1.0]) == pytest.approx({0.2: 2 / 3, 0.5: 1 / 3, 1.0: 1 / 3})
+    for bad in [(4, 5, 1), (4, 1, 0), (4, 1, 5)]:
+        with pytest.raises(ValueError):
+            pass_at_k.pass_at_k(*bad)
+
+
+def test_the_checker_on_right_wrong_and_malformed_answers():
+    # 345 + 678 = 1023, written lowest digit first
+    assert task.make_problem(__import__("random").Random(0))[0].endswith(" =")
+    assert task.write_number(1023) == "3 2 0 1" and task.read_number("3 2 0 1") == 1023
+    right = "<answer> 3 2 0 1 </answer>"
+    for completion, solution, ok in [
+        (right, "1023", True), (right, 1023, True), ("  <answer>  3 2 0 1  </answer> ", "1023", True),
+        ("<answer> 3 2 0 2 </answer>", "1023", False),  # one digit off
+        ("<answer> 1 0 2 3 </answer>", "1023", False),  # highest digit first: another number
+        ("<answer> 3 2 0 1", "1023", False),  # no closing tag
+        ("3 2 0 1", "1023", False), ("", "1023", False), ("<answer> </answer>", "0", False),
+        ("<answer> 3 2 0 1 </answer> <answer> 3 2 0 1 </answer>", "1023", False),  # two answers
+        ("<answer> 32 0 1 </answer>", "1023", False), ("<answer> 3 2 x 1 </answer>", "1023", False),
+        (right, "not a number", False), (right, None, False),
+    ]:  # fmt: skip
+        assert task.check(completion, solution) is ok, (completion, solution)
+    assert task.accuracy_reward([right, "junk"], ["1023", "1023"]) == [1.0, 0.0]
+    assert task.format_reward([right, "<answer> 3 2 0 1", "<answer> 7 </answer>"]) == [1.0, 0.0, 1.0]
+
+
+TRL_FORM_REWARDS = r"""
+import re
+
+def accuracy_reward(completions, solution, **kwargs):
+    # as open-r1 and trl/rewards write it: the gold column by name, a float per completion,
+    # None where the gold answer can't be read (TRL then skips that reward)
+    rewards = []
+    for completion, gold in zip(completions, solution):
+        if not str(gold).isdigit():
+            rewards.append(None)
+            continue
+        found = re.search(r"<answer>(.*?)</answer>", completion)
+        digits = found.group(1).split() if found else []
+        rewards.append(float(digits != [] and "".join(reversed(digits)) == str(gold)))
+    return rewards
+
+def format_reward(completions, **kwargs):
+    return [1.0 if re.fullmatch(r"\s*<answer>[\d ]+</answer>\s*", c) else 0.0 for c in completions]
+
+def length(texts):
+    return [float(len(t.split())) for t in texts]
+"""
+
+
+def test_reward_functions_in_trls_form_are_summed_with_their_weights(tmp_path):
+    """Functions written for TRL's GRPOTrainer (prompts=, completions=, the dataset's columns as
+    keyword lists; a list of floats, None where they do not apply) run unchanged beside today's
+    texts → floats form, summed with --reward-weights as TRL's reward_weights sums them."""
+    path = tmp_path / "trl_rewards.py"
+    path.write_text(TRL_FORM_REWARDS)
+    spec = f"{path}:accuracy_reward,{path}:format_reward,{path}:length"
+    score = loading.load_reward_fn(spec, weights="1,0.5,0.01")
+    completions = ["<answer> 3 2 0 1 </answer>", "<answer> 3 2 0 2 </answer>", "3 2 0 1", "<answer> 3 2 0 1 </answer>"]
+    prompts = ["5 4 3 + 8 7 6 ="] * 4
+    texts = [p + " " + c for p, c in zip(prompts, completions)]
+    got = score(texts, prompts=prompts, completions=completions, solution=[1023, 1023, 1023, "n/a"])
+    words = [float(len(t.split())) for t in texts]
+    expected = [1 + 0.5 + 0.01 * words[0], 0 + 0.5 + 0.01 * words[1], 0 + 0 + 0.01 * words[2],
+                0 + 0.5 + 0.01 * words[3]]  # the malformed answer scores, the unreadable gold adds nothing  # fmt: skip
+    torch.testing.assert_close(got, torch.tensor(expected))
+    assert score(texts, prompts=prompts, completions=completions, solution=["1023"] * 4)[3] == got[0]
+    import errors
+
+    with pytest.raises(errors.ConfigError, match="takes completions"):
+        score(texts)  # the TRL form needs the loop's completions
+    with pytest.raises(errors.ConfigError, match="2 weights for 3 functions"):
+        loading.load_reward_fn(spec, weights="1,2")
+    with pytest.raises(errors.ConfigError, match=re.escape("accuracy_reward failed (TypeError")):
+        score(texts, prompts=prompts, completions=completions)  # no solution column
+
+
+def test_held_out_problems_are_never_seen_in_pretraining_or_training():
+    """By their text: no held-out prompt appears in the task world's pretraining texts nor among
+    the prompts a --task run trains on; the held-out ones the run answers are all held out."""
+    policy_dir, problems_csv = tiny.ensure_task_world()
+    pretraining = open(os.path.join(os.path.dirname(problems_csv), "pretraining.txt")).read().splitlines()
+    seen = {line.split(" <answer>")[0] for line in pretraining}
+    assert len(pretraining) >= 10000 and all(" = <answer>" in line for line in pretraining)
+    cfg = cpu_tiny(task="sums")
+    tokenizer = loading.load_policy_and_tokenizer(policy_dir, torch.device("cpu"))[1]
+    (held, held_cols), (train, train_cols) = loading.load_prompts(problems_csv, tokenizer, cfg, torch.Generator())
+    held_texts = {tokenizer.decode(q) for q in held}
+    train_texts = {tokenizer.decode(q) for q in train}
+    assert len(held) == cfg.eval_prompts and len(train) > 1000 and set(held_cols) == {"solution"}
+    assert all(loading.is_held_out(t) for t in held_texts)
+    assert not held_texts & seen and not held_texts & train_texts
+    table = loading.load_table(problems_csv, "train")
+    held_all = {r["prompt"] for r in table if loading.is_held_out(r["prompt"])}
+    assert held_all and not held_all & seen  # every held-out problem of the file, not just the ones answered
+
+
+# The band docs/verifiable.md states for the starting policy's held-out pass@1.
+START_PASS_BAND = (0.05, 0.5)
+
+
+def test_the_starting_policy_solves_some_held_out_problems_but_not_most():
+    """The task world's starting policy, on 64 held-out problems × 16 samples: pass@1 inside the
+    band the docs state, and many more problems solved at 16 samples than at one."""
+    policy_dir, problems_csv = tiny.ensure_task_world()
+    policy, tokenizer = loading.load_policy_and_tokenizer(policy_dir, torch.device("cpu"))
+    cfg = cpu_tiny(task="sums", eval_prompts=64, eval_samples=16)
+    (held, cols), _ = loading.load_prompts(problems_csv, tokenizer, cfg, torch.Generator().manual_seed(0))
+    ids, mask = loading.left_pad(held, tokenizer.pad_token_id, torch.device("cpu"))
+    correct = ppo_rlhf.held_out_correct(policy, tokenizer, ids, mask, cols["solution"], cfg,
+                                        loading.make_autocast(torch.device("cpu"), "fp32"))  # fmt: skip
+    passes = pass_at_k.mean_pass_at_k(correct, [1, 16])
+    assert START_PASS_BAND[0] <= passes[1] <= START_PASS_BAND[1], passes
+    assert passes[16] >= 2 * passes[1], passes
+
+
+@slow
+def test_the_task_run_raises_held_out_pass_at_1(tmp_path, capsys):
+    """`--tiny --task sums` (GRPO, TRL-form rewards from the checker), seed 0: held-out pass@1 in
+    the log every 5 steps, and higher at the end than at the start, with a margin."""
+    history = ppo_rlhf.main(cpu_tiny(task="sums", output_dir=str(tmp_path / "run"), sample_every=0))
+    out = capsys.readouterr().out
+    start, end = map(float, re.search(r"held-out pass@1: ([\d.]+) before training, ([\d.]+) after", out).groups())
+    logged = [r["pass@1"] for r in history if "pass@1" in r]
+    assert len(logged) == 10 and logged[-1] == pytest.approx(end, abs=5e-4)  # printed to 3 decimals
+    assert end >= start + 0.1, (start, end)
+    assert "fluency" not in history[0] and history[-1]["score"] > history[0]["score"]
+
+
 class _Parsed(BaseException):
     """Raised by the patched argparse once a documented command's flags parsed: no work is done."""
 
@@ -2423,8 +2578,8 @@ def test_nan_stops_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     def scorer_nan_on_third_batch(*args):
         score_fn = real_scorer(*args)
 
-        def scores(texts):
-            out = score_fn(texts)
+        def scores(texts, **context):  # the loop also passes prompts=, completions= (TRL-form functions read them)
+            out = score_fn(texts, **context)
             calls.append(1)
             if len(calls) == 3:
                 out[5] = float("nan")

@@ -19,6 +19,10 @@ policy that games the classifier ("great great superb great") scores high and fa
 
 Cache: `$PPO_RLHF_TINY_WORLD`, or `~/.cache/ppo_rlhf/tiny-world-v<WORLD_VERSION>`; a folder is
 used only if its `world.json` carries this WORLD_VERSION, and is rebuilt otherwise.
+
+`--task sums` has a world of its own beside it (the same folder name + "-sums"), built by
+`build_task_world`: its starting policy, a small GPT-2 pretrained on sums whose answers are
+only sometimes right, and its problems (task.py). The sentiment world is not touched.
 """
 
 import json
@@ -31,6 +35,8 @@ import socket
 import torch
 
 WORLD_VERSION = 1
+# The task world's starting policy (build_task_world): its size and pretraining.
+TASK_LAYERS, TASK_WIDTH, TASK_LR, TASK_BATCH, TASK_STEPS = 2, 64, 3e-3, 128, 1000
 EOS, UNK, CLS = "<|endoftext|>", "[UNK]", "[CLS]"
 
 POSITIVE = "good great wonderful brilliant superb excellent beautiful funny moving charming clever enjoyable".split()
@@ -274,12 +280,109 @@ def build_world(directory: str, seed: int = 0, n_reviews: int = 6000, lm_steps: 
         writer.writerows([r, int(s > 0)] for r, s in corpus[:1000])
     with open(os.path.join(scratch, "world.json"), "w") as f:
         json.dump(dict(version=WORLD_VERSION, seed=seed, lm_steps=lm_steps, cls_steps=cls_steps), f)
-    if is_current(directory):  # another process on this disk finished first: keep its copy, the same bytes
+    _move_into_place(scratch, directory)
+    return world_paths(directory)
+
+
+def _move_into_place(scratch: str, directory: str) -> None:
+    """The finished build in `scratch` becomes `directory`, unless another process on this disk
+    finished first: then its copy, the same bytes, is kept."""
+    if is_current(directory):
         shutil.rmtree(scratch)
     else:
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(scratch, directory)
-    return world_paths(directory)
+
+
+def build_task_tokenizer():
+    """A word-level tokenizer over the task's words (task.VOCAB); `<|endoftext|>` is BOS, EOS and pad."""
+    import task
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [EOS, UNK] + task.VOCAB
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=EOS,
+                                   unk_token=UNK, model_input_names=["input_ids", "attention_mask"])  # fmt: skip
+
+
+def pretrain_task_policy(tokenizer, texts, steps: int, seed: int, progress):
+    """A small GPT-2 trained on "prompt completion EOS" texts, the loss on the completion only
+    (the operands are random digits: predicting them teaches nothing and drowns the sum)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=TASK_WIDTH, n_layer=TASK_LAYERS,
+                                    n_head=4, bos_token_id=0, eos_token_id=0, pad_token_id=0))  # fmt: skip
+    opt = torch.optim.AdamW(lm.parameters(), lr=TASK_LR, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, TASK_LR, total_steps=steps, pct_start=0.05)
+    every = tokenizer(texts, return_tensors="pt", padding=True)  # (N, L): the texts differ by a token at most
+    after = (every["input_ids"] == tokenizer.convert_tokens_to_ids("=")).cumsum(1) > 0  # (N, L): from "=" on
+    labels = every["input_ids"].masked_fill((every["attention_mask"] == 0) | ~after, -100)  # (N, L)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(len(texts), (TASK_BATCH,), generator=gen)  # (b,)
+        loss = lm(input_ids=every["input_ids"][rows], attention_mask=every["attention_mask"][rows],
+                  labels=labels[rows]).loss  # fmt: skip
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+        progress.update(1)
+    return lm
+
+
+def build_task_world(directory: str, seed: int = 0, n_texts: int = 20000, n_problems: int = 4000, steps: int = 0):
+    """Write DIR/policy (the task's starting policy), DIR/problems.csv (prompt, solution), the
+    pretraining texts DIR/pretraining.txt and DIR/world.json. The policy is pretrained on
+    `n_texts` sums whose answers are only sometimes right (task.noisy_completion); none of them is
+    a held-out problem (loading.is_held_out). `steps`: 0 = TASK_STEPS."""
+    import csv
+
+    import task
+    from loading import is_held_out
+    from tqdm import tqdm
+
+    steps = steps or TASK_STEPS
+    rng = random.Random(seed)
+    texts = []
+    while len(texts) < n_texts:
+        prompt, solution = task.make_problem(rng)
+        if not is_held_out(prompt):
+            texts.append(f"{prompt} {task.noisy_completion(rng, solution)} {EOS}")
+    problems = [task.make_problem(rng) for _ in range(n_problems)]  # the RL prompts, held-out ones among them
+    scratch = f"{directory.rstrip('/')}.building-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    with torch.random.fork_rng(devices=[]), tqdm(total=steps, dynamic_ncols=True,
+                                                 desc="building the --task world (once)") as bar:  # fmt: skip
+        tokenizer = build_task_tokenizer()
+        lm = pretrain_task_policy(tokenizer, texts, steps, seed, bar)
+    lm.save_pretrained(os.path.join(scratch, "policy"))
+    tokenizer.save_pretrained(os.path.join(scratch, "policy"))
+    with open(os.path.join(scratch, "pretraining.txt"), "w") as f:  # kept, so that a test can read what it saw
+        f.writelines(t + "\n" for t in texts)
+    with open(os.path.join(scratch, "problems.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "solution"])
+        writer.writerows(problems)
+    with open(os.path.join(scratch, "world.json"), "w") as f:
+        json.dump(dict(version=WORLD_VERSION, task="sums", seed=seed, steps=steps), f)
+    _move_into_place(scratch, directory)
+    return task_world_paths(directory)
+
+
+def task_world_paths(directory: str):
+    """(policy folder, problems CSV) of a task world folder."""
+    return os.path.join(directory, "policy"), os.path.join(directory, "problems.csv")
+
+
+def ensure_task_world(directory: str = "") -> tuple:
+    """The paths of the cached task world (beside the sentiment world), built first if missing."""
+    directory = directory or default_world_dir().rstrip("/") + "-sums"
+    return task_world_paths(directory) if is_current(directory) else build_task_world(directory)
 
 
 def world_paths(directory: str):
@@ -296,6 +399,14 @@ def ensure_world(directory: str = "") -> tuple:
     """The paths of the cached world, built first if missing or of another WORLD_VERSION."""
     directory = directory or default_world_dir()
     return world_paths(directory) if is_current(directory) else build_world(directory)
+
+
+def ensure(task: str = "") -> tuple:
+    """(policy folder, reward-model folder or "", prompts file) of --tiny's world, or of --task's."""
+    if task:
+        policy, problems = ensure_task_world()
+        return policy, "", problems
+    return ensure_world()
 
 
 def is_current(directory: str) -> bool:
