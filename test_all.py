@@ -1539,6 +1539,13 @@ def test_reward_functions_in_trls_form_are_summed_with_their_weights(tmp_path):
         score(texts, prompts=prompts, completions=completions)  # no solution column
 
 
+def test_a_task_outside_the_tiny_world_is_one_line():
+    import errors
+
+    with pytest.raises(errors.ConfigError, match="--task sums runs in the tiny world: add --tiny"):
+        ppo_rlhf.Config(task="sums").validate()
+
+
 def test_held_out_problems_are_never_seen_in_pretraining_or_training():
     """By their text: no held-out prompt appears in the task world's pretraining texts nor among
     the prompts a --task run trains on; the held-out ones the run answers are all held out."""
@@ -2448,6 +2455,10 @@ def test_reward_fn_bad_names_and_group_settings_are_one_line(tmp_path, capsys, r
         (["--advantage-estimator", "rloo", "--group-size", "1"], "--group-size must be at least 2"),
         (["--advantage-estimator", "grpo", "--group-size", "3"], "--batch-size 32 is not a multiple of --group-size 3"),
         (["--advantage-estimator", "ppo"], "choose one of gae, rloo, grpo"),
+        (["--task", "countdown"], "--task countdown: choose one of sums"),
+        ([f"--reward-fn={reward_file}:positive_words,{reward_file}:one_short", "--reward-weights", "1"],
+         "1 weights for 2 functions"),  # fmt: skip
+        (["--reward-fn", f"{reward_file}:positive_words", "--reward-weights", "one"], "one number per function"),
     ]
     for extra, expected in cases:
         code, err = run_cli(["--tiny", "--device", "cpu", "--output-dir", str(tmp_path), *extra], capsys)
