@@ -1,5 +1,5 @@
-"""The command line of the entry points (ppo_rlhf.py, train_reward_model.py, train_dpo.py), built from their
-config dataclasses: one flag per field, its help text from the field, grouped under headings.
+"""The command line of the entry points (ppo_rlhf.py, train_reward_model.py, train_dpo.py), built
+from their config dataclasses: one flag per field, its help text from the field, grouped under headings.
 """
 
 import argparse
@@ -14,8 +14,7 @@ def arg(default, help: str):
 
 def fields_in_order(config_class) -> list:
     """The dataclass's fields, its own first and then each base class's: config.Config's own
-    settings before the ones it inherits. `dataclasses.fields` lists the
-    bases' first."""
+    settings before the ones it inherits. `dataclasses.fields` lists the bases' first."""
     by_name = {f.name: f for f in dataclasses.fields(config_class)}
     names = [n for cls in config_class.__mro__ for n in vars(cls).get("__annotations__", {}) if n in by_name]
     return [by_name[n] for n in dict.fromkeys(names)]

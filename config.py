@@ -19,8 +19,8 @@ import lora
 import trackers
 from command_line import arg, parse_config
 from distributed import DIST_TIMEOUT
-from logprobs import ROW_TOKENS
 from errors import ConfigError, check_config
+from logprobs import ROW_TOKENS
 from ppo_loss import IS_CORRECTIONS, LOSS_AGGS
 from rewards import KL_KINDS
 

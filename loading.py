@@ -420,7 +420,7 @@ def load_prompts(dataset: str, tokenizer, cfg, generator) -> tuple:
                           "--batch-size or use a larger dataset")  # fmt: skip
 
     def queries_and_columns(rows):
-        ids = [tokenizer(row[cfg.prompt_column])["input_ids"] for row in rows]
+        ids = tokenizer([row[cfg.prompt_column] for row in rows])["input_ids"] if rows else []  # one call
         return ids, {c: [row[c] for row in rows] for c in table.column_names if c != cfg.prompt_column}
 
     return queries_and_columns(held[: cfg.eval_prompts]), queries_and_columns(train)

@@ -181,9 +181,9 @@ def packs_exactly(model) -> tuple:
     inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
     if inner in _PACKS_EXACTLY:
         return _PACKS_EXACTLY[inner]
-    device = next(getattr(inner, "policy", inner).parameters()).device  # lora.AdaptersOff: the policy's
-    modules = getattr(inner, "policy", inner).modules()  # lora.AdaptersOff: the policy's
-    vocab = next(m for m in modules if isinstance(m, torch.nn.Embedding)).num_embeddings  # the tokens'
+    weights = getattr(inner, "policy", inner)  # lora.AdaptersOff: the policy's
+    device = next(weights.parameters()).device
+    vocab = next(m for m in weights.modules() if isinstance(m, torch.nn.Embedding)).num_embeddings  # the tokens'
     a = torch.tensor([5, 17, 3, 11, 2, 29, 7], device=device) % vocab  # any ids, within a vocabulary of any size
     b = torch.tensor([13, 4, 23, 8, 19], device=device) % vocab
     positions = lambda x: torch.arange(len(x), device=device)  # noqa: E731

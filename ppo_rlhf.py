@@ -299,7 +299,7 @@ def held_out_correct(model, tokenizer, query_ids, query_mask, solutions, cfg, au
                                                  query_mask.repeat_interleave(n, 0), cfg, tokenizer.eos_token_id,
                                                  autocast)  # (P·n, T)  # fmt: skip
     completions = decode_texts(tokenizer, response_ids, response_mask)
-    correct = torch.tensor([task.check(c, s) for c, s in zip(completions, [s for s in solutions for _ in range(n)])])
+    correct = torch.tensor([task.check(c, solutions[i // n]) for i, c in enumerate(completions)])  # problem by problem
     return correct.view(len(solutions), n)  # (P, n)
 
 
@@ -359,9 +359,12 @@ def main(cfg: Config) -> list:
         before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn,
                                    eval_columns)  # fmt: skip
     if cfg.task and n_eval:  # RLVR's measure: the share of held-out problems solved, per sample
-        solutions = eval_columns["solution"]
-        start_pass = mean_pass_at_k(held_out_correct(ref_model, tokenizer, eval_ids, eval_mask, solutions, cfg,
-                                                     autocast), [1])[1]  # fmt: skip
+
+        def pass_at_1(lm):  # of the policy or the reference, on the held-out problems
+            correct = held_out_correct(lm, tokenizer, eval_ids, eval_mask, eval_columns["solution"], cfg, autocast)
+            return mean_pass_at_k(correct, [1])[1]
+
+        start_pass = pass_at_1(ref_model)
         print(f"held-out pass@1 of the starting policy: {start_pass:.3f} ({n_eval} problems × {cfg.eval_samples})")
     order, start = torch.randperm(len(queries), generator=prompt_rng), 0
     if cfg.resume:  # the weights were loaded in prepare_training
@@ -388,8 +391,7 @@ def main(cfg: Config) -> list:
                 with distributed.together():  # [ddp]
                     gold = {"gold_score": gold_fn(trace["texts"]).mean().item()} if gold_fn else {}
                 if cfg.task and n_eval and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                    gold["pass@1"] = mean_pass_at_k(held_out_correct(policy, tokenizer, eval_ids, eval_mask, solutions,
-                                                                     cfg, autocast), [1])[1]  # fmt: skip
+                    gold["pass@1"] = pass_at_1(policy)
             except RunError as e:  # NaN or inf, or a --reward-fn that returned something unusable
                 raise type(e)(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
             if (world > 1 or cfg.fsdp) and step == start:  # [ddp] what each process holds, beside the plan
@@ -425,9 +427,7 @@ def main(cfg: Config) -> list:
             report.write_samples(cfg.output_dir, query_texts, before, after,
                                  tiny.is_fluent if cfg.tiny and not cfg.task else None)  # fmt: skip
     if cfg.task and n_eval:
-        end_pass = mean_pass_at_k(held_out_correct(policy, tokenizer, eval_ids, eval_mask, solutions, cfg, autocast),
-                                  [1])[1]  # fmt: skip
-        print(f"held-out pass@1: {start_pass:.3f} before training, {end_pass:.3f} after")
+        print(f"held-out pass@1: {start_pass:.3f} before training, {pass_at_1(policy):.3f} after")
     if rank == 0:
         report.plot_curves(cfg.output_dir, cfg.kl_target)
     return history

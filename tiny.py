@@ -181,15 +181,16 @@ def _step(rng, state, p, length):
     return nxt, phrase
 
 
-def build_tokenizer(with_cls: bool = False):
-    """A word-level tokenizer over VOCAB; `<|endoftext|>` is BOS, EOS and pad, as in GPT-2.
+def build_tokenizer(with_cls: bool = False, vocab=None):
+    """A word-level tokenizer over `vocab` (default VOCAB, the reviews' words; the task's words for
+    --task); `<|endoftext|>` is BOS, EOS and pad, as in GPT-2.
 
     `with_cls` puts [CLS] before every text, for the classifier, which reads its first position.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=UNK))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab or VOCAB)}, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     if with_cls:
@@ -294,21 +295,6 @@ def _move_into_place(scratch: str, directory: str) -> None:
         os.replace(scratch, directory)
 
 
-def build_task_tokenizer():
-    """A word-level tokenizer over the task's words (task.VOCAB); `<|endoftext|>` is BOS, EOS and pad."""
-    import task
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = [EOS, UNK] + task.VOCAB
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                   unk_token=UNK, model_input_names=["input_ids", "attention_mask"])  # fmt: skip
-
-
 def pretrain_task_policy(tokenizer, texts, steps: int, seed: int, progress):
     """A small GPT-2 trained on "prompt completion EOS" texts, the loss on the completion only
     (the operands are random digits: predicting them teaches nothing and drowns the sum)."""
@@ -358,7 +344,7 @@ def build_task_world(directory: str, seed: int = 0, n_texts: int = 20000, n_prob
     shutil.rmtree(scratch, ignore_errors=True)
     with torch.random.fork_rng(devices=[]), tqdm(total=steps, dynamic_ncols=True,
                                                  desc="building the --task world (once)") as bar:  # fmt: skip
-        tokenizer = build_task_tokenizer()
+        tokenizer = build_tokenizer(vocab=[EOS, UNK] + task.VOCAB)
         lm = pretrain_task_policy(tokenizer, texts, steps, seed, bar)
     lm.save_pretrained(os.path.join(scratch, "policy"))
     tokenizer.save_pretrained(os.path.join(scratch, "policy"))
