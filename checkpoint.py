@@ -8,7 +8,9 @@ A checkpoint is the output folder itself:
     adapter/                            with --lora-rank: the adapter in peft's format; the
                                         weights above are then the merged model (lora.py)
     trainer_state.pt                    tensors only: Adam's state, torch's random states (the
-                                        CPU's and the run's device's), the data order
+                                        CPU's and the run's device's), the data order, and with
+                                        --staleness each rank's queue of rollouts not yet trained on
+                                        (their tensors, texts and step numbers)
     trainer_state.json                  the rest, as JSON: format, step, config, β, world size,
                                         python's and numpy's random states; and the SHA-256 of
                                         every file above
@@ -128,7 +130,7 @@ def _set_random_states(plain: dict, tensors: dict, device) -> None:
         torch.get_device_module(device.type).set_rng_state(tensors["device"], device)
 
 
-def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt_rng, order) -> None:
+def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt_rng, order, queue=()) -> None:
     """Everything a run needs to go on exactly where it stopped, in `cfg.output_dir`.
 
     Under torchrun every rank's random states are kept (each samples its own responses) and
@@ -137,6 +139,7 @@ def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt
     """
     device = next(policy.parameters()).device
     plain, tensors = zip(*distributed.gather(_random_states(device)))  # one of each per rank
+    queues = distributed.gather([_to(batch, "cpu") for batch in queue])  # [ddp] each rank's own, for its resume
     weights, optimizer_state = distributed.full_state(policy, optimizer)  # [fsdp] the shards, gathered on rank 0
     if distributed.rank() != 0:
         return
@@ -144,7 +147,8 @@ def save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step: int, cfg, prompt
     shutil.rmtree(scratch, ignore_errors=True)
     lora.save(policy, scratch, weights) if lora.is_lora(policy) else policy.save_pretrained(scratch, weights)
     tokenizer.save_pretrained(scratch)
-    state = dict(optimizer=optimizer_state, torch_rng=list(tensors), prompt_rng=prompt_rng.get_state(), order=order)
+    state = dict(optimizer=optimizer_state, torch_rng=list(tensors), prompt_rng=prompt_rng.get_state(), order=order,
+                 queues=queues)  # fmt: skip
     torch.save(state, os.path.join(scratch, TRAINER_STATE))
     names = sorted(os.path.relpath(os.path.join(top, f), scratch) for top, _, files in os.walk(scratch) for f in files)
     manifest = dict(format=FORMAT, step=step, config=dataclasses.asdict(cfg), kl_coef=kl_ctl.value,
@@ -330,10 +334,16 @@ def restore_weights(directory: str, policy) -> None:
     distributed.send_weights(policy)  # [ddp]
 
 
+def _to(batch: dict, device) -> dict:
+    """A queued batch of rollouts (ppo_rlhf.sample_episodes) with its tensors on `device`."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
     """Load a checkpoint's optimizer, β and random states (its weights: `restore_weights`);
-    return (step, data order). Rank 0 reads trainer_state.pt (its files were hashed already) and
-    sends each rank what it needs: its rows of Adam's state, and the small state of the run."""
+    return (step, data order, this rank's queue of rollouts, or None where the checkpoint has
+    none). Rank 0 reads trainer_state.pt (its files were hashed already) and sends each rank what
+    it needs: its rows of Adam's state, and the small state of the run."""
     read = {}  # rank 0: all of it; Adam's state is not pickled to the others but sent tensor by tensor
 
     def small_parts():
@@ -346,7 +356,9 @@ def restore_state(directory: str, policy, optimizer, kl_ctl, prompt_rng):
     device = next(policy.parameters()).device
     _set_random_states(state["rng"][distributed.rank()], state["torch_rng"][distributed.rank()], device)
     prompt_rng.set_state(state["prompt_rng"])
-    return state["step"], state["order"]
+    queues = state.get("queues")  # none in a checkpoint from before --staleness: the run samples its first k
+    queue = [_to(batch, device) for batch in queues[distributed.rank()]] if queues else None
+    return state["step"], state["order"], queue
 
 
 def what_is_on_disk(output_dir: str) -> str:

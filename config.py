@@ -4,7 +4,8 @@
                       hyperparameters (the gpt2-sentiment settings); it inherits the two below
     ObjectiveConfig   the variants of the objective that GRPO, DAPO and GSPO configs set (how the
                       loss is aggregated, clip-higher, dual-clip, sequence ratios, where the KL
-                      goes, a sampler that is not π_old), each off by default (docs/objectives.md)
+                      goes, a sampler that is not π_old, rollouts from a stale policy and their
+                      corrections), each off by default (docs/objectives.md, docs/off-policy.md)
     RunConfig         how and where a run runs
 
 They live here, not in the loop's file, so that `ppo_rlhf.py` opens with the loop. The command
@@ -21,7 +22,7 @@ from command_line import arg, parse_config
 from distributed import DIST_TIMEOUT
 from errors import ConfigError, check_config
 from logprobs import ROW_TOKENS
-from ppo_loss import IS_CORRECTIONS, LOSS_AGGS
+from ppo_loss import IS_CORRECTIONS, LOSS_AGGS, LOSS_TYPES
 from rewards import KL_KINDS
 
 # The advantage estimators: GAE with the critic (gae.py), or from groups of K (group_advantages.py).
@@ -52,7 +53,25 @@ class ObjectiveConfig:
     is_correction: str = arg("none", f"correct the policy gradient for a sampler that is not π_old: "
                                      f"{', '.join(IS_CORRECTIONS)} (ppo_loss.is_weights)")
     is_cap: float = arg(2.0, "C of --is-correction: tis truncates each token's π_old/μ at C, seq-mask drops a "
-                             "response whose product of ratios is past C")
+                             "response whose product of ratios is past C, token-mask a token past C")
+    staleness: int = arg(0, "k: train each step on rollouts sampled k steps earlier, by the weights of then, as an "
+                            "inference engine running ahead makes them (AReaL max_head_offpolicyness, TRL "
+                            "max_staleness); docs/off-policy.md")
+    bypass_mode: bool = arg(False, "π_old is the sampler's μ, not recomputed in phase 3: the naive asynchronous "
+                                   "loss (TRL's async trainer; verl bypass_mode)")
+    off_policy_mask_threshold: float = arg(0.0, "δ: drop a response with a negative advantage whose mean log μ/π "
+                                                "is past δ (DeepSeek-V3.2 eq. 9; TRL's name); 0 = off")
+    m2_threshold: float = arg(0.0, "τ: drop the tokens of largest (log μ − log π_old)² until their mean is below τ "
+                                   "(M2PO; AReaL's name, 0.04 in its example); 0 = off")
+    loss_type: str = arg("ppo", f"the policy loss: {', '.join(LOSS_TYPES)} (TRL 1.16's forms; ppo_loss.py)")
+    cispo_clip_max: float = arg(5.0, "cispo: the cap on the ratio used as a weight (TRL epsilon_high for cispo; "
+                                     "ScaleRL's 5)")
+    sapo_temperature_pos: float = arg(1.0, "sapo: the gate's temperature for a positive advantage (TRL's name)")
+    sapo_temperature_neg: float = arg(1.05, "sapo: the gate's temperature for a zero or negative advantage")
+    vespo_k_pos: float = arg(2.0, "vespo: k of φ(w) = e^λ w^k e^(−λw) for A ≥ 0 (TRL's name)")
+    vespo_lambda_pos: float = arg(3.0, "vespo: λ for A ≥ 0")
+    vespo_k_neg: float = arg(3.0, "vespo: k for A < 0")
+    vespo_lambda_neg: float = arg(2.0, "vespo: λ for A < 0")
 
     def kl_placement(self) -> str:
         """Where the KL goes: --kl-in, or for auto the estimator's place (GRPO's in the loss)."""
@@ -70,10 +89,23 @@ class ObjectiveConfig:
         """Whether the rollout samples from processed logits (a temperature, top-k or top-p): μ ≠ π_old."""
         return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
 
+    def records_sampler(self) -> bool:
+        """Whether the rollout records log μ: μ is not π_old, or a correction or mask reads it."""
+        return self.processed_sampling() or self.is_correction != "none" or self.staleness > 0 or self.bypass_mode \
+            or self.off_policy_mask_threshold > 0 or self.m2_threshold > 0  # fmt: skip
+
     def loss_options(self) -> dict:
-        """The keyword arguments of ppo_loss.ppo_loss that these settings choose."""
-        return dict(cliprange_high=self.cliprange_high, dual_clip=self.dual_clip, ratio_level=self.ratio_level,
-                    loss_agg=self.loss_agg, agg_constant=self.loss_agg_constant or self.response_max_len)  # fmt: skip
+        """The keyword arguments of ppo_loss.ppo_loss that these settings choose. luspo is GSPO's
+        sequence ratio with each response's loss times its length: the sum over tokens over B."""
+        luspo = self.loss_type == "luspo"
+        return dict(cliprange_high=self.cliprange_high, dual_clip=self.dual_clip,
+                    ratio_level="sequence" if luspo else self.ratio_level,
+                    loss_agg="seq-mean-token-sum-norm" if luspo else self.loss_agg,
+                    agg_constant=1.0 if luspo else self.loss_agg_constant or self.response_max_len,
+                    loss_type=self.loss_type, cispo_clip_max=self.cispo_clip_max,
+                    sapo_temperatures=(self.sapo_temperature_pos, self.sapo_temperature_neg),
+                    vespo_params=(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg),
+                    off_policy_mask=self.off_policy_mask_threshold)  # fmt: skip
 
 
 @dataclass

@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from ppo_loss import IS_CORRECTIONS, LOSS_AGGS
+from ppo_loss import IS_CORRECTIONS, LOSS_AGGS, LOSS_TYPES
 from rewards import KL_KINDS
 
 
@@ -106,7 +106,7 @@ def check_config(cfg, estimators) -> None:
     for name, allowed in (("kl_kind", ("auto",) + KL_KINDS), ("dtype", ("fp32", "bf16")),
                           ("advantage_estimator", estimators), ("loss_agg", LOSS_AGGS), ("kl_in", ("auto", "reward", "loss")),
                           ("scale_rewards", ("auto", "group", "batch", "none")), ("ratio_level", ("token", "sequence")),
-                          ("is_correction", IS_CORRECTIONS)):  # fmt: skip
+                          ("is_correction", IS_CORRECTIONS), ("loss_type", LOSS_TYPES)):  # fmt: skip
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     check_objective(cfg)
@@ -149,6 +149,39 @@ def check_objective(cfg) -> None:
     if cfg.ratio_level == "sequence" and not group:
         raise ConfigError("--ratio-level sequence (GSPO) gives each response one ratio, for one advantage per "
                           "response: use --advantage-estimator rloo or grpo, whose advantages are per response")
+    check_off_policy(cfg, group)
+
+
+def check_off_policy(cfg, group: bool) -> None:
+    """--staleness, its corrections and the loss types (docs/off-policy.md): one ConfigError line."""
+    for name in ("staleness", "off_policy_mask_threshold", "m2_threshold", "vespo_k_pos", "vespo_lambda_pos",
+                 "vespo_k_neg", "vespo_lambda_neg"):  # fmt: skip
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    for name in ("cispo_clip_max", "sapo_temperature_pos", "sapo_temperature_neg"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.bypass_mode and cfg.is_correction != "none":
+        raise ConfigError(f"--bypass-mode makes π_old the sampler's μ, so --is-correction {cfg.is_correction} "
+                          "would weigh by π_old/μ = 1: drop one of them (the decoupled form is --is-correction "
+                          "without --bypass-mode)")  # fmt: skip
+    if cfg.bypass_mode and cfg.m2_threshold:
+        raise ConfigError("--m2-threshold compares μ with phase 3's π_old, which --bypass-mode does not compute: "
+                          "drop one of them")  # fmt: skip
+    if cfg.loss_type != "ppo" and cfg.dual_clip:
+        raise ConfigError(f"--dual-clip caps the clipped PPO loss; --loss-type {cfg.loss_type} has its own "
+                          "weighting: drop --dual-clip")  # fmt: skip
+    if cfg.loss_type in ("cispo", "vespo") and cfg.ratio_level != "token":
+        raise ConfigError(f"--loss-type {cfg.loss_type} weighs each token by its own ratio (TRL refuses it "
+                          "too): drop --ratio-level sequence")  # fmt: skip
+    if cfg.loss_type == "luspo" and (not group or cfg.loss_agg != "token-mean"):
+        raise ConfigError("--loss-type luspo sets its own sequence ratio and sum over tokens: use --advantage-"
+                          "estimator rloo or grpo, and no --loss-agg")  # fmt: skip
+    if cfg.loss_type == "vespo" and cfg.is_correction not in ("none", "tis"):
+        raise ConfigError(f"--loss-type vespo folds the sampler's truncated ratio into its weight (TRL's form): "
+                          f"use --is-correction tis or none, not {cfg.is_correction}")  # fmt: skip
+    if cfg.staleness and cfg.explain:
+        raise ConfigError("--explain shows one step on fresh rollouts: drop --staleness")
 
 
 def check_pair_config(cfg, defaults) -> None:

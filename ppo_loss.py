@@ -55,12 +55,43 @@ multiplied by a weight computed once per batch (no gradient):
     seq-mask   w_i = ρ_i if ρ_i ≤ C else 0, ρ_i = Π_t π_old_t/μ_t   the sequence's ratio, its
                response masked out past C (TRL's default "sequence_mask", cap 3)
 
+Rollouts from a stale policy (--staleness k, docs/off-policy.md): the batch was sampled by the
+weights of k updates ago, μ, and three policies meet in the loss. μ sampled; π_old, the "proximal"
+policy, is phase 3's recomputation with the weights that start this update; π_θ is trained.
+
+    decoupled  ratio π_θ/π_old, clipped as above, times a behaviour weight π_old/μ from
+               `is_weights` (tis, seq-mask, or token-mask: w_t = π_old_t/μ_t if ≤ C else 0; TRL
+               "token_mask"): AReaL's decoupled PPO (Fu et al. 2025). Without a weight (the
+               default) the clip is on π_θ/π_old and nothing weighs the sampler's distance
+    bypass     π_old := μ: no recomputation, the ratio π_θ/μ clipped, no weight (what TRL's
+               async trainer does; verl `bypass_mode`); `ppo_rlhf.ppo_step` makes the swap
+    off-policy sequence mask (DeepSeek-V3.2, eq. 9; TRL `off_policy_mask_threshold` δ):
+               a response with A < 0 is dropped when 1/L Σ_t (log μ_t − log π_θ_t) > δ
+    M2PO mask  (Zheng et al. 2025; AReaL `m2_threshold` τ, `m2po_mask`): drop the tokens of
+               largest (log μ − log π_old)² until the mean of the rest is below τ
+
+and the loss forms (`loss_type`) that TRL 1.16 offers for it, with r = π_θ/π_old:
+
+    ppo     max(−A·r, −A·clip(r, 1 − ε, 1 + ε_high))          the clipped surrogate above
+    cispo   −sg[min(r, ε_max)] · A · log π_θ                   every token keeps a gradient,
+            its weight truncated (MiniMax-M1; TRL caps above only, `epsilon_high` as ε_max: 5)
+    sapo    −A · σ(τ·(r − 1)) · 4/τ, τ = τ+ if A > 0 else τ−   a soft gate in place of the clip
+            (arXiv 2511.20347; TRL `sapo_temperature_pos` 1, `sapo_temperature_neg` 1.05)
+    vespo   −sg[φ(w)] · A · log π_θ, φ(w) = e^λ·w^k·e^(−λw),   w = Π_t r_t (times π_old/μ),
+            (k, λ) = (2, 3) for A ≥ 0 and (3, 2) below (arXiv 2602.10693; TRL `vespo_k_pos` ...)
+    luspo   GSPO's clipped sequence ratio, each response's loss times its length, summed over
+            B (arXiv 2602.05261); `config.ObjectiveConfig.loss_options` sets the ratio and sum
+
+sg[·] is a weight without gradient. The masks multiply the per-token loss; a masked token still
+counts in the mean's denominator, as in TRL.
+
 Stats (detached floats):
     pg_clipfrac   share of tokens where the clipped policy term was the active one
     vf_clipfrac   the same for the value term
     approxkl      ½ · mean (logπ − logπ_old)²    how far this update has moved the policy
     policykl      mean (logπ_old − logπ)         the plain KL(π_old‖π) estimate
     ratio_mean, ratio_max
+    offpolicy_masked   share of tokens the off-policy sequence mask dropped (when it is on)
 
 Legend: B batch (here: minibatch), T response length.
 
@@ -88,7 +119,8 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-IS_CORRECTIONS = ("none", "tis", "seq-mask")
+IS_CORRECTIONS = ("none", "tis", "seq-mask", "token-mask")
+LOSS_TYPES = ("ppo", "cispo", "sapo", "vespo", "luspo")
 
 
 def aggregate(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", constant: float = 0.0,
@@ -133,6 +165,12 @@ def ppo_loss(
     agg_constant: float = 0.0,
     token_total=None,
     is_weights=None,
+    loss_type: str = "ppo",
+    cispo_clip_max: float = 5.0,
+    sapo_temperatures=(1.0, 1.05),
+    vespo_params=(2.0, 3.0, 3.0, 2.0),
+    sampler_logprobs=None,
+    off_policy_mask: float = 0.0,
 ):
     """Clipped surrogate policy loss and clipped value loss, unscaled, plus stats.
 
@@ -152,13 +190,22 @@ def ppo_loss(
         loss_agg: how per-token losses become one number (`aggregate`).
         agg_constant: C for loss_agg "seq-mean-token-sum-norm".
         token_total: N for loss_agg "token-mean" under torchrun (`aggregate`).
-        is_weights: (B, T) weights of the policy-gradient terms (`is_weights`); None = 1.
+        is_weights: (B, T) weights of the policy-gradient terms (`is_weights`); None = 1. vespo
+            takes them into w instead (TRL's form).
+        loss_type: one of LOSS_TYPES (module docstring); luspo computes as ppo, its sum being the
+            caller's loss_agg.
+        cispo_clip_max: ε_max of cispo, the cap on the ratio used as a weight.
+        sapo_temperatures: (τ+, τ−) of sapo.
+        vespo_params: (k+, λ+, k−, λ−) of vespo.
+        sampler_logprobs: (B, T) log μ, for the off-policy sequence mask.
+        off_policy_mask: δ of the off-policy sequence mask; 0 = off.
 
     Returns:
         pg_loss: scalar policy loss.
         vf_loss: scalar value loss (with the ½, without vf_coef).
         stats: dict of detached 0-dim tensors: pg_clipfrac, vf_clipfrac, approxkl, policykl,
-            ratio_mean, ratio_max, and pg_clipfrac_lower with dual_clip. Tensors, not floats: on
+            ratio_mean, ratio_max; pg_clipfrac_lower with dual_clip, offpolicy_masked with the mask.
+            pg_clipfrac counts the tokens where PPO's clip is active, whichever the loss type. Tensors, not floats: on
             a GPU each `.item()` makes the host wait for the device, so the caller turns them
             into floats all at once.
     """
@@ -173,11 +220,27 @@ def ppo_loss(
     pg_losses = -advantages * ratio  # (B, T)
     high = cliprange_high or cliprange
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)  # (B, T)
-    per_token = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
+    if loss_type in ("ppo", "luspo"):
+        per_token = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
+    elif loss_type == "cispo":  # the clipped ratio as a weight without gradient on log π
+        per_token = -torch.clamp(ratio, max=cispo_clip_max).detach() * advantages * logprobs  # (B, T)
+    elif loss_type == "sapo":  # a sigmoid gate, steeper for negative advantages
+        tau = torch.where(advantages > 0, sapo_temperatures[0], sapo_temperatures[1])  # (B, T)
+        per_token = -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * advantages  # (B, T)
+    elif loss_type == "vespo":
+        phi = vespo_weights(advantages, log_ratio, mask, is_weights, *vespo_params)  # (B, T), no gradient
+        per_token = -phi * advantages * logprobs  # (B, T)
+    else:
+        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
     if dual_clip:  # a negative advantage's loss capped at −A·c
         per_token = torch.where(advantages < 0, torch.min(per_token, -advantages * dual_clip), per_token)  # (B, T)
-    if is_weights is not None:
+    if is_weights is not None and loss_type != "vespo":
         per_token = per_token * is_weights  # (B, T)
+    if off_policy_mask:  # DeepSeek-V3.2: drop a response with A < 0 whose mean log μ/π_θ is past δ
+        seq_kl = torch.where(mask, sampler_logprobs - logprobs.detach(), 0.0).sum(1, keepdim=True) / mask.sum(
+            1, keepdim=True).clamp(min=1)  # (B, 1)  # fmt: skip
+        kept = (advantages >= 0) | (seq_kl <= off_policy_mask)  # (B, T)
+        per_token = per_token * kept  # (B, T)
     if loss_agg == "token-mean" and token_total is None:
         pg_loss = _masked_mean(per_token, mask)  # the same numbers, and the same sum, as before the modes existed
     else:
@@ -201,6 +264,8 @@ def ppo_loss(
             "ratio_mean": _masked_mean(ratio, mask),
             "ratio_max": ratio.masked_fill(~mask, float("-inf")).max(),
         }
+        if off_policy_mask:
+            stats["offpolicy_masked"] = _masked_mean((~kept).float(), mask)
         if dual_clip:
             stats["pg_clipfrac_lower"] = _masked_mean(((advantages < 0) & (ratio > dual_clip)).float(), mask)
     return pg_loss, vf_loss, stats
@@ -214,7 +279,8 @@ def is_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, respo
         old_logprobs: (B, T) log π_old of the sampled tokens (phase 3).
         sampler_logprobs: (B, T) log μ of the same tokens: the distribution they were drawn from.
         response_mask: (B, T) bool, True at real response tokens.
-        mode: "tis" (per token, truncated at `cap`) or "seq-mask" (per response, masked past `cap`).
+        mode: "tis" (per token, truncated at `cap`), "seq-mask" (per response, masked past `cap`)
+            or "token-mask" (per token, masked past `cap`).
         cap: C.
 
     Returns:
@@ -227,6 +293,8 @@ def is_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, respo
     elif mode == "seq-mask":
         seq = torch.exp(log_ratio.sum(1, keepdim=True))  # (B, 1) Π_t π_old/μ
         weights = torch.where(seq <= cap, seq, 0.0).expand_as(log_ratio)  # (B, T)
+    elif mode == "token-mask":
+        weights = torch.where(log_ratio <= math.log(cap), torch.exp(log_ratio), 0.0)  # (B, T)
     else:
         raise ValueError(f"unknown correction {mode!r}; choose one of {IS_CORRECTIONS[1:]}")
     return torch.where(mask, weights, 0.0)
@@ -250,3 +318,55 @@ def sampler_mismatch(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
     return {"sampler_kl": _masked_mean(-log_ratio, mask),
             "sampler_ratio_max": log_ratio.masked_fill(~mask, float("-inf")).max().exp(),
             "sampler_past_cap": _masked_mean((log_ratio > math.log(cap)).float(), mask)}  # fmt: skip
+
+
+def vespo_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, response_mask: torch.Tensor, is_weights,
+                  k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> torch.Tensor:  # fmt: skip
+    """VESPO's weight φ(w) = e^λ · w^k · e^(−λw) of each response, no gradient (φ(1) = 1).
+
+    Args:
+        advantages: (B, T); each response's (k, λ) is chosen by the sign of its advantage.
+        log_ratio: (B, T) log π_θ − log π_old, 0 at padding.
+        response_mask: (B, T) bool.
+        is_weights: (B, T) π_old/μ (`is_weights`) folded into w, or None.
+        k_pos, lambda_pos, k_neg, lambda_neg: the shape of φ for A ≥ 0 and for A < 0.
+
+    Returns:
+        (B, T): φ of the response's sequence ratio w = Π_t r_t, on each of its tokens.
+    """
+    with torch.no_grad():
+        floor = math.log(1e-8)  # TRL's clamp of log w, kept so that the two agree at the extremes
+        log_w = torch.where(response_mask, log_ratio.clamp(-20.0, 20.0), 0.0).sum(1, keepdim=True)  # (B, 1)
+        if is_weights is not None:
+            log_w = log_w + torch.where(response_mask, is_weights.log().clamp(floor, 20.0), 0.0).sum(1, keepdim=True)
+        log_w = log_w.clamp(floor, 20.0)  # (B, 1)
+        nonneg = advantages >= 0  # (B, T)
+        k = torch.where(nonneg, k_pos, k_neg)
+        lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)  # TRL's floor on λ
+        phi = torch.exp(lam + k * log_w - lam * log_w.exp())  # (B, T)
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def m2po_mask(sampler_logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor,
+              tau: float) -> torch.Tensor:  # fmt: skip
+    """M2PO's token mask: drop the tokens of largest second moment (log μ − log π_old)² until the
+    mean over the tokens kept is below τ (AReaL `m2_threshold`, 0.04 in its GSM8K example).
+
+    Args:
+        sampler_logprobs: (B, T) log μ.
+        old_logprobs: (B, T) log π_old, phase 3's recomputation.
+        response_mask: (B, T) bool.
+        tau: τ.
+
+    Returns:
+        (B, T) float, 1 where a token is kept, 0 where masked or padding; at least one token kept.
+    """
+    mask = response_mask.bool()
+    m2 = torch.where(mask, (sampler_logprobs - old_logprobs).detach().square(), 0.0)[mask]  # (N,) real tokens
+    ranked, order = m2.sort(descending=True)
+    rest_mean = ranked.flip(0).cumsum(0).flip(0) / torch.arange(len(ranked), 0, -1, device=m2.device)  # (N,)
+    below = (rest_mean < tau).nonzero()
+    dropped = int(below[0]) if len(below) else len(ranked) - 1  # the largest ones, until the rest are below τ
+    keep = torch.ones_like(m2)
+    keep[order[:dropped]] = 0.0
+    return torch.zeros_like(old_logprobs).masked_scatter(mask, keep)

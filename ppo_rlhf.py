@@ -9,7 +9,7 @@ starting policy (the reference model) keeps the text fluent. Step 3 of the Instr
 
 One PPO step (`ppo_step`), with the tutorial's section titles:
 
-    1. rollout     sample a response to a batch of queries         (`rollout`, below)
+    1. rollout     sample a response to a batch of queries         (`sample_episodes`, `rollout`)
     2. score       the reward model scores query + response        (rewards.pipeline_scorer)
     3. logprobs    policy log-probs and values, reference log-probs (logprobs.batched_forward_pass)
     4. rewards     KL-shaped per-token rewards                      (rewards.kl_shaped_rewards)
@@ -17,6 +17,8 @@ One PPO step (`ppo_step`), with the tutorial's section titles:
                    critic RLOO / GRPO from K responses per prompt  (group_advantages.py)
     6. PPO epochs  clipped loss over shuffled minibatches           (`ppo_update`, ppo_loss.ppo_loss)
     7. log         adapt the KL coefficient, gather the stats       (rewards.AdaptiveKLController)
+
+With --staleness k phases 3–7 train on what phases 1–2 made k steps earlier (docs/off-policy.md).
 
 Tensor layout: queries (B, Q) left-padded, responses (B, T) right-padded, every per-token RL
 tensor (B, T) over the response only, with `response_mask` True at real response tokens. The
@@ -27,6 +29,7 @@ References: [1] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Pre
 Ouyang et al. 2022 (InstructGPT); [3] TRL v0.11's gpt2-sentiment example, whose settings are ours.
 """
 
+import collections
 import dataclasses
 import math
 import os
@@ -49,7 +52,7 @@ from loading import load_scorer, make_autocast, offline_if_hub_unreachable, prep
 from loading import reward_batch_size, seed_everything
 from logprobs import batched_forward_pass
 from pass_at_k import mean_pass_at_k
-from ppo_loss import aggregate, is_weights, ppo_loss, sampler_mismatch
+from ppo_loss import aggregate, is_weights, m2po_mask, ppo_loss, sampler_mismatch
 from rewards import kl_loss_terms, kl_shaped_rewards
 from sampling import SamplerLogprobs, cut_responses, decode_texts, sampling_processors
 
@@ -72,16 +75,45 @@ def rollout(policy, query_ids, query_mask, cfg: Config, eos_id: int, autocast):
     """
     B, Q = query_ids.shape
     lengths = torch.randint(cfg.response_min_len, cfg.response_max_len + 1, (B,))  # (B,)
-    recorder = SamplerLogprobs() if cfg.processed_sampling() or cfg.is_correction != "none" else None
+    recorder = SamplerLogprobs() if cfg.records_sampler() else None
     with torch.no_grad(), autocast(), distributed.gathered(policy):  # [fsdp] each unit gathered once, not per token
         generated = policy.generate(input_ids=query_ids, attention_mask=query_mask.long(), max_new_tokens=int(lengths.max()),
                                     logits_processor=sampling_processors(cfg, recorder),
                                     synced_gpus=False)  # (B, Q + T_gen); [fsdp] each rank stops at its own EOS  # fmt: skip
     response_ids, response_mask = cut_responses(generated[:, Q:], lengths, eos_id)
-    sampler_logprobs = None  # log μ: recorded only when μ is not π_old, or a correction asks for it
+    sampler_logprobs = None  # log μ: recorded only when μ is not π_old, or a correction reads it
     if recorder is not None:
         sampler_logprobs = recorder.logprobs(generated[:, Q:])[:, : response_ids.shape[1]]  # (B, T)
     return response_ids, response_mask, sampler_logprobs
+
+
+def sample_episodes(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, columns=None, version=0) -> dict:
+    """Phases 1 and 2: the episodes a PPO step trains on, sampled and scored by `model` as it is now.
+    Arguments as `ppo_step`'s; `version`: the step whose weights sample, so a later step knows their age.
+
+    Returns: {query_ids, query_mask (B·K, Q); response_ids, response_mask, sampler_logprobs (B·K, T) or
+    None; scores (B·K,); texts; version; time: seconds of phases 1 and 2}.
+    """
+    timer, K = report.PhaseTimer(query_ids.device), cfg.responses_per_prompt
+
+    # 1. rollout: the policy continues every query, K times for rloo and grpo (tutorial: "The policy
+    # generates an output"); the K responses to a prompt sit in consecutive rows
+    query_ids, query_mask = query_ids.repeat_interleave(K, 0), query_mask.repeat_interleave(K, 0)  # (B, Q)
+    response_ids, response_mask, sampler_logprobs = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id,
+                                                            autocast)  # fmt: skip
+    timer("rollout")
+
+    # 2. score (tutorial: "The reward model calculates a reward for the output"); a reward function
+    # in TRL's form reads the prompts, the completions and the dataset's columns instead of the texts
+    texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
+    columns = {k: [v for v in values for _ in range(K)] for k, values in (columns or {}).items()}  # as the rows
+    prompts, completions = decode_texts(tokenizer, query_ids, query_mask), decode_texts(tokenizer, response_ids,
+                                                                                      response_mask)  # fmt: skip
+    with distributed.together():  # [ddp] a --reward-fn failing on one rank stops every rank with its line
+        scores = score_fn(texts, prompts=prompts, completions=completions, **columns).to(query_ids.device)  # (B,)
+    timer("score")
+    return dict(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask,
+                sampler_logprobs=sampler_logprobs, scores=scores, texts=texts, version=version, time=timer.times)
 
 
 # ------------------------------------------------------------------------------ one PPO step
@@ -126,6 +158,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
             pg_loss, vf_loss, stats = ppo_loss(
                 logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"], mb["response_mask"],
                 cfg.cliprange, cfg.cliprange_value, **options, token_total=token_total, is_weights=mb.get("is_weights"),
+                sampler_logprobs=mb.get("sampler_logprobs"),
             )  # fmt: skip
             loss = pg_loss + cfg.vf_coef * vf_loss if critic else pg_loss
             if kl_loss_coef:  # the KL in the loss (GRPO's place), aggregated as the policy loss is
@@ -153,53 +186,50 @@ def ppo_update(policy, optimizer, batch: dict, cfg: Config, autocast, kl_loss_co
 
 
 def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids, query_mask, cfg, autocast,
-             columns=None, explain=False):  # fmt: skip
+             columns=None, explain=False, queue=None, step=0):  # fmt: skip
     """One PPO step on one batch of queries: phases 1 to 7 of the module docstring.
 
     Args:
         policy, ref_model, optimizer, kl_ctl, tokenizer, cfg: as `main` builds them.
-        query_ids, query_mask: (B, Q) left-padded queries.
+        query_ids, query_mask: (B, Q) left-padded queries, one per prompt.
         score_fn: B texts (query + response) → (B,) scores; called with prompts=, completions= and the
             columns as keywords too, which a classifier's ignores and TRL-form functions read (loading.py).
         autocast: a function returning the autocast context (a no-op for fp32).
         columns: {column: a value per query} for the reward functions (a task's gold answers), or None.
         explain: also keep every minibatch's tensors in trace["minibatches"].
+        queue: with --staleness k, the episodes sampled in the last k steps, oldest first: this
+            step's go to its back, and the step trains on the oldest (docs/off-policy.md); None: on these.
+        step: this step's number from 0, the version of the weights that sample now.
 
     Returns:
         record: the step's stats (what log.jsonl holds), with seconds per phase under "time".
         trace: every tensor the step computed, by its name in the field (for --explain).
     """
-    timer = report.PhaseTimer(query_ids.device)
     model = getattr(policy, "module", policy)  # [ddp] generate and phase 3 on the model inside DDP (FSDP: itself)
     K, estimator = cfg.responses_per_prompt, cfg.advantage_estimator
+    # 1. rollout and 2. score (`sample_episodes`)
+    experience = sample_episodes(model, tokenizer, score_fn, query_ids, query_mask, cfg, autocast, columns, step)
+    if queue is not None:  # --staleness k: sampled now, trained on k steps later, as an engine running ahead does
+        queue.append(experience)
+        experience = queue.popleft()
+    query_ids, query_mask, response_ids, response_mask, sampler_logprobs, scores, texts = (experience[k] for k in (
+        "query_ids", "query_mask", "response_ids", "response_mask", "sampler_logprobs", "scores", "texts"))
+    timer = report.PhaseTimer(query_ids.device)
 
-    # 1. rollout: the policy continues every query, K times for rloo and grpo (tutorial: "The policy
-    # generates an output"); the K responses to a prompt sit in consecutive rows
-    query_ids, query_mask = query_ids.repeat_interleave(K, 0), query_mask.repeat_interleave(K, 0)  # (B, Q)
-    response_ids, response_mask, sampler_logprobs = rollout(model, query_ids, query_mask, cfg, tokenizer.eos_token_id,
-                                                            autocast)  # fmt: skip
-    timer("rollout")
-
-    # 2. score (tutorial: "The reward model calculates a reward for the output"); a reward function
-    # in TRL's form reads the prompts, the completions and the dataset's columns instead of the texts
-    texts = decode_texts(tokenizer, torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
-    columns = {k: [v for v in values for _ in range(K)] for k, values in (columns or {}).items()}  # as the rows
-    prompts, completions = decode_texts(tokenizer, query_ids, query_mask), decode_texts(tokenizer, response_ids,
-                                                                                      response_mask)  # fmt: skip
-    with distributed.together():  # [ddp] a --reward-fn failing on one rank stops every rank with its line
-        scores = score_fn(texts, prompts=prompts, completions=completions, **columns).to(query_ids.device)  # (B,)
-    timer("score")
-
-    # 3. logprobs of policy (π_old: the policy as it sampled) and reference, values (tutorial: "Batched_forward_pass")
+    # 3. logprobs of policy (π_old: as this update starts, which sampled unless stale) and reference, values
+    # (tutorial: "Batched_forward_pass")
     full_kl, in_loss = cfg.kl_estimator() == "full", cfg.kl_placement() == "loss"  # the exact KL needs (B, T, V) logits
     episodes = (query_ids, query_mask, response_ids, response_mask)
     with torch.no_grad(), autocast(cache=False):  # each weight used once: no bf16 copies kept
-        logprobs, values, logits, entropy = batched_forward_pass(
+        prox_logprobs, values, logits, entropy = batched_forward_pass(
             model, *episodes, return_logits=full_kl and not in_loss, return_entropy=True, row_tokens=cfg.row_tokens
         )  # (B, T), (B, T), (B, T, V) for the exact KL in the reward (else None), (B, T)
         ref_logprobs, _, ref_logits, _ = batched_forward_pass(
             ref_model, *episodes, return_logits=full_kl, row_tokens=cfg.row_tokens
         )  # (B, T), -, (B, T, V) or None: packed as the policy's, so KL = 0 exactly where the two are equal
+    # π_old: phase 3's recomputation ("proximal" when the batch is stale), or μ itself with --bypass-mode, the
+    # naive asynchronous loss (the pass above then gives the values, the entropy and the mismatch logged)
+    logprobs = sampler_logprobs if cfg.bypass_mode else prox_logprobs  # (B, T)
     timer("forward")
 
     # 4. KL-shaped rewards (tutorial: "Compute rewards"); with the KL in the loss (GRPO's place) the
@@ -232,6 +262,11 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
                  advantages=advantages, returns=returns)  # fmt: skip
     if cfg.is_correction != "none":  # μ ≠ π_old: each token's policy gradient weighed (ppo_loss.is_weights)
         batch["is_weights"] = is_weights(logprobs, sampler_logprobs, response_mask, cfg.is_correction, cfg.is_cap)
+    m2_kept = m2po_mask(sampler_logprobs, logprobs, response_mask, cfg.m2_threshold) if cfg.m2_threshold else None
+    if m2_kept is not None:  # M2PO: the tokens of largest (log μ − log π_old)² take no part
+        batch["is_weights"] = batch.get("is_weights", 1.0) * m2_kept  # (B, T)
+    if cfg.off_policy_mask_threshold:
+        batch["sampler_logprobs"] = sampler_logprobs  # (B, T) for the mask, against π_θ in each minibatch
     if in_loss and full_kl:
         batch["ref_logits"] = ref_logits  # (B, T, V) for the exact KL in the loss
     del ref_logits
@@ -255,14 +290,16 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         "advantages_std": masked_var(raw_advantages, response_mask).sqrt(),
         "returns_mean": masked_mean(returns, response_mask),
         "explained_variance": explained_variance(values, returns, response_mask),
-        **(sampler_mismatch(logprobs, sampler_logprobs, response_mask, cfg.is_cap) if sampled else {}),
+        **(sampler_mismatch(prox_logprobs, sampler_logprobs, response_mask, cfg.is_cap) if sampled else {}),
+        **({"m2_masked": 1 - masked_mean(m2_kept, response_mask)} if m2_kept is not None else {}),
+        **({"staleness": step - experience["version"]} if cfg.staleness else {}),  # updates since these were sampled
     }
     tensors = {k: v for k, v in stats.items() if torch.is_tensor(v)}
     stats.update(zip(tensors, torch.stack([v.float() for v in tensors.values()]).tolist()))
     stats["kl"] = distributed.mean({"kl": stats["kl"]})["kl"]  # [ddp] over every rank
     kl_ctl.update(stats["kl"], query_ids.shape[0] * distributed.world_size())
-    record = {**stats, **train_stats, "time": dict(timer.times)}
-    trace = dict(texts=texts, scores=scores, kl=kl, rewards=rewards, **sampled,
+    record = {**stats, **train_stats, "time": {**experience["time"], **timer.times}}
+    trace = dict(sampled, texts=texts, scores=scores, kl=kl, rewards=rewards,
                  non_score_reward=non_score_reward, raw_advantages=raw_advantages,
                  kl_coef=kl_coef, kl_coef_after=kl_ctl.value, minibatches=minibatches, **batch)  # fmt: skip
     return record, trace
@@ -366,9 +403,9 @@ def main(cfg: Config) -> list:
 
         start_pass = pass_at_1(ref_model)
         print(f"held-out pass@1 of the starting policy: {start_pass:.3f} ({n_eval} problems × {cfg.eval_samples})")
-    order, start = torch.randperm(len(queries), generator=prompt_rng), 0
+    order, start, queue = torch.randperm(len(queries), generator=prompt_rng), 0, None
     if cfg.resume:  # the weights were loaded in prepare_training
-        start, order = checkpoint.restore_state(cfg.resume, policy, optimizer, kl_ctl, prompt_rng)
+        start, order, queue = checkpoint.restore_state(cfg.resume, policy, optimizer, kl_ctl, prompt_rng)
         print(f"resumed from {cfg.resume} after step {start}")
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
     history = checkpoint.read_log(log_path)[:start]  # steps logged after the checkpoint run again
@@ -377,17 +414,27 @@ def main(cfg: Config) -> list:
     rank_cfg = dataclasses.replace(cfg, mini_batch_size=cfg.mini_batch_size // world)  # [ddp] the rank's share
     per_rank = prompts_per_step // world  # [ddp] whole groups per rank
 
+    def prompts_of(s):  # the queries of step s (from 0) and their columns; each pass in a new order
+        nonlocal order
+        if s and s % steps_per_pass == 0:
+            order = torch.randperm(len(queries), generator=prompt_rng)  # next pass, new order
+        first = (s % steps_per_pass) * prompts_per_step + rank * per_rank  # [ddp] this rank's shard
+        picked = order[first : first + per_rank].tolist()
+        query_ids, query_mask = left_pad([queries[i] for i in picked], tokenizer.pad_token_id, device)  # (B, Q)
+        return query_ids, query_mask, {k: [v[i] for i in picked] for k, v in columns.items()}  # a task's gold answers
+
+    k = cfg.staleness  # --staleness: step t trains on what the weights of step t − k sampled (docs/off-policy.md)
+    if queue is None:  # the first k batches, sampled by the starting weights before any update ([ddp] inside DDP)
+        queue = [sample_episodes(getattr(train_policy, "module", train_policy), tokenizer, score_fn, *prompt[:2],
+                                 rank_cfg, autocast, prompt[2]) for prompt in map(prompts_of, range(k))]  # fmt: skip
+    queue = collections.deque(queue)
     with checkpoint.StopOnCtrlC() as stop:
         for step in tqdm(range(start, steps), desc="ppo", dynamic_ncols=True, disable=rank > 0):
-            if step and step % steps_per_pass == 0:
-                order = torch.randperm(len(queries), generator=prompt_rng)  # next pass, new order
-            first = (step % steps_per_pass) * prompts_per_step + rank * per_rank  # [ddp] this rank's shard
-            picked = order[first : first + per_rank].tolist()
-            query_ids, query_mask = left_pad([queries[i] for i in picked], tokenizer.pad_token_id, device)  # (B, Q)
-            batch_columns = {k: [v[i] for i in picked] for k, v in columns.items()}  # a task's gold answers
+            query_ids, query_mask, batch_columns = prompts_of(step + k)  # sampled now, trained on at step + k
             try:
                 record, trace = ppo_step(train_policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_ids,
-                                         query_mask, rank_cfg, autocast, batch_columns)  # fmt: skip
+                                         query_mask, rank_cfg, autocast, batch_columns, queue=queue,
+                                         step=step)  # fmt: skip
                 with distributed.together():  # [ddp]
                     gold = {"gold_score": gold_fn(trace["texts"]).mean().item()} if gold_fn else {}
                 if cfg.task and n_eval and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -408,7 +455,8 @@ def main(cfg: Config) -> list:
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 live.samples(list(zip(trace["texts"], trace["scores"].tolist()))[:8], step + 1)
             if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step + 1, cfg, prompt_rng, order)
+                checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, step + 1, cfg, prompt_rng, order,
+                                           queue)  # fmt: skip
             if stopping:
                 launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
                 live.close()
@@ -417,7 +465,7 @@ def main(cfg: Config) -> list:
                 return history
     live.close()
     distributed.check_in_sync(policy, kl_ctl.value)
-    checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, steps, cfg, prompt_rng, order)
+    checkpoint.save_checkpoint(policy, tokenizer, optimizer, kl_ctl, steps, cfg, prompt_rng, order, queue)
     print(f"saved policy, value head and tokenizer to {cfg.output_dir}")
     if n_eval:
         after = evaluate_held_out(policy, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn,

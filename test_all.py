@@ -8,6 +8,7 @@ order of the files; runs of the whole loop are marked `slow`
 
 import ast
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
@@ -3429,3 +3430,235 @@ def test_resume_with_another_number_of_processes_is_one_line(tmp_path, capsys):
     capsys.readouterr()  # the first run's output
     code, err = run_cli(["--resume", str(out)], capsys)
     assert code == 2 and len(err) == 1 and "saved by 2 process(es), this is 1" in err[0] and "torchrun" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts from a stale policy (--staleness) and their corrections (docs/off-policy.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def off_policy_case(seed=0, B=6, T=5):
+    """π_old, a stale sampler μ and a moved π_θ on ragged responses, one advantage per response."""
+    g = torch.Generator().manual_seed(seed)
+    mask = ragged_mask(torch.randint(1, T + 1, (B,), generator=g).tolist(), T)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    mu = old + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    logp = (old + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+    A = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T)
+    return mask, old, mu, logp, A
+
+
+def pg_and_grad(loss_type="ppo", **kw):
+    """Our policy loss (token-mean) and its gradient per token, on `off_policy_case`."""
+    mask, old, mu, logp, A = off_policy_case()
+    zero = torch.zeros_like(old)
+    pg, _, stats = ppo_loss_fn(logp, zero, old, zero, A, zero, mask, 0.2, 0.2, loss_type=loss_type,
+                               sampler_logprobs=mu, **kw)  # fmt: skip
+    pg.backward()
+    return pg.item(), logp.grad, stats, (mask, old, mu, logp.detach(), A)
+
+
+def test_the_off_policy_loss_forms_are_their_formulas():
+    """cispo, sapo and vespo against their equations written out by hand, gradients included:
+    cispo keeps a gradient on every token, past the cap too, where PPO's clip gives none."""
+    # cispo: −sg[min(r, ε_max)]·A·log π; its gradient −min(r, ε_max)·A/N on every real token
+    _, grad, _, (mask, old, mu, logp, A) = pg_and_grad("cispo", cispo_clip_max=1.1)
+    N, r = mask.sum(), (logp - old).exp()
+    assert torch.allclose(grad, torch.where(mask, -r.clamp(max=1.1) * A / N, 0.0), rtol=1e-12, atol=0)
+    assert (grad[mask] != 0).all() and (r[mask] > 1.2).any()  # ratios past PPO's clip keep their gradient
+    _, ppo_grad, _, _ = pg_and_grad("ppo")
+    assert (ppo_grad[mask & (r > 1.2) & (A > 0)] == 0).all()  # where PPO's clip gives none
+    # sapo: −A·σ(τ(r − 1))·4/τ; its gradient −A·4·σ'(τ(r − 1))·r/N
+    pg, grad, _, _ = pg_and_grad("sapo", sapo_temperatures=(1.0, 1.05))
+    tau = torch.where(A > 0, 1.0, 1.05)
+    s = torch.sigmoid(tau * (r - 1))
+    assert pg == pytest.approx(torch.where(mask, -A * s * 4 / tau, 0.0).sum().item() / N.item(), rel=1e-12)
+    assert torch.allclose(grad, torch.where(mask, -A * 4 * s * (1 - s) * r / N, 0.0), rtol=1e-10, atol=1e-15)
+    # vespo: −sg[φ(w)]·A·log π, φ(w) = e^λ·w^k·e^(−λw), w = Π_t r_t over each response
+    _, grad, _, _ = pg_and_grad("vespo", vespo_params=(2.0, 3.0, 3.0, 2.0))
+    for i in range(mask.shape[0]):
+        w = r[i][mask[i]].prod().item()
+        k, lam = (2.0, 3.0) if A[i, 0] >= 0 else (3.0, 2.0)
+        phi = math.exp(lam) * w**k * math.exp(-lam * w)
+        assert torch.allclose(grad[i][mask[i]], torch.full((int(mask[i].sum()),), -phi * A[i, 0].item() / N.item(),
+                                                            dtype=torch.float64), rtol=1e-9)  # fmt: skip
+    assert ppo_loss.vespo_weights(torch.ones(1, 2), torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), None,
+                                  2.0, 3.0, 3.0, 2.0).eq(1.0).all()  # φ(1) = 1: a fresh batch is not reweighed  # fmt: skip
+
+
+def test_luspo_is_the_sequence_ratio_with_each_response_weighed_by_its_length():
+    cfg = dataclasses.replace(config.Config(), advantage_estimator="grpo", loss_type="luspo")
+    mask, old, mu, logp, A = off_policy_case()
+    zero = torch.zeros_like(old)
+    pg, _, _ = ppo_loss_fn(logp, zero, old, zero, A, zero, mask, 0.2, 0.2, **cfg.loss_options())
+    lengths = mask.sum(1)
+    s = (torch.where(mask, logp - old, 0.0).sum(1) / lengths).exp()  # GSPO's ratio per response
+    a = A[:, 0]
+    per_response = torch.max(-a * s, -a * s.clamp(0.8, 1.2))
+    assert pg.item() == pytest.approx((per_response * lengths).sum().item() / len(a), rel=1e-12)
+
+
+def test_the_off_policy_sequence_mask_drops_exactly_the_stale_responses_with_negative_advantages():
+    """DeepSeek-V3.2 eq. 9: a response is dropped when A < 0 and 1/L Σ_t (log μ − log π_θ) > δ:
+    its tokens get no gradient at all; every other response keeps the gradient it had."""
+    _, free, _, (mask, old, mu, logp, A) = pg_and_grad("ppo")
+    seq_kl = torch.where(mask, mu - logp, 0.0).sum(1) / mask.sum(1)
+    delta = seq_kl.median().item()
+    dropped = (A[:, 0] < 0) & (seq_kl > delta)
+    assert dropped.any() and (~dropped).any()
+    _, grad, stats, _ = pg_and_grad("ppo", off_policy_mask=delta)
+    assert (grad[dropped] == 0).all()
+    assert torch.equal(grad[~dropped], free[~dropped])
+    assert stats["offpolicy_masked"].item() == pytest.approx((mask & dropped[:, None]).sum().item() / mask.sum().item())
+
+
+def test_m2po_drops_the_largest_second_moments_until_the_rest_is_below_tau():
+    """AReaL's rule: sort (log μ − log π_old)² from the largest, drop until the mean of the rest is below τ."""
+    old = torch.zeros(2, 4)
+    mu = torch.tensor([[0.9, 0.1, -0.3, 0.0], [0.5, -0.05, 7.0, 0.2]])  # m2: .81 .01 .09 0 / .25 .0025 pad .04
+    mask = torch.tensor([[True] * 4, [True, True, False, True]])
+    kept = ppo_loss.m2po_mask(mu, old, mask, tau=0.04)
+    # sorted .81 .25 .09 .04 .01 .0025 0: the rest's mean after dropping 0, 1, 2 of them is
+    # 1.2025/7 = .172, .3925/6 = .065, .1425/5 = .0285 → the first below 0.04 drops two (.81, .25)
+    assert kept.tolist() == [[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]]
+    assert ppo_loss.m2po_mask(mu, old, mask, tau=1.0).tolist() == mask.float().tolist()  # all below τ: none dropped
+    assert ppo_loss.m2po_mask(mu, old, mask, tau=1e-9).sum() == 1  # never all of them
+
+
+def test_token_mask_weighs_each_token_by_its_ratio_or_drops_it_past_the_cap():
+    mask = ragged_mask([3, 2], 3)
+    old = torch.tensor([[-1.0, -0.5, -2.0], [-0.1, -0.2, 0.0]])
+    mu = torch.tensor([[-1.2, -0.5, -3.0], [-0.3, -0.9, 5.0]])  # ratios e^0.2, 1, e^1; e^0.2, e^0.7
+    w = ppo_loss.is_weights(old, mu, mask, "token-mask", 2.0)
+    assert torch.allclose(w, torch.tensor([[math.exp(0.2), 1.0, 0.0], [math.exp(0.2), 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--staleness", "-1"], "--staleness must not be negative"),
+        (["--bypass-mode", "--is-correction", "tis"], "--bypass-mode makes π_old the sampler's μ"),
+        (["--bypass-mode", "--m2-threshold", "0.04"], "which --bypass-mode does not compute"),
+        (["--loss-type", "gspo"], "choose one of ppo, cispo, sapo, vespo, luspo"),
+        (["--loss-type", "cispo", "--dual-clip", "3"], "drop --dual-clip"),
+        (["--loss-type", "luspo"], "use --advantage-estimator rloo or grpo, and no --loss-agg"),
+        (["--loss-type", "vespo", "--is-correction", "seq-mask"], "use --is-correction tis or none"),
+        (["--loss-type", "cispo", "--advantage-estimator", "grpo", "--ratio-level", "sequence"],
+         "drop --ratio-level sequence"),
+        (["--cispo-clip-max", "0"], "--cispo-clip-max must be positive"),
+        (["--off-policy-mask-threshold", "-0.5"], "must not be negative"),
+        (["--staleness", "2", "--explain"], "drop --staleness"),
+    ],
+)
+def test_impossible_off_policy_settings_are_one_line(tmp_path, capsys, extra, expected):
+    code, err = run_cli(["--tiny", "--output-dir", str(tmp_path), *extra], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+
+
+def capture_steps(monkeypatch):
+    """Record, while `ppo_rlhf.main` runs, each step's trace and the policy's weights as each update starts."""
+    traces, weights = [], []
+    print_step = report.print_step
+    monkeypatch.setattr(report, "print_step", lambda record, trace, every: (traces.append(trace),
+                                                                          print_step(record, trace, every)))  # fmt: skip
+    update = ppo_rlhf.ppo_update
+
+    def snapshot_then_update(policy, *args, **kwargs):
+        weights.append({k: v.clone() for k, v in policy.state_dict().items()})
+        return update(policy, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_rlhf, "ppo_update", snapshot_then_update)
+    return traces, weights
+
+
+def test_with_staleness_k_each_batch_was_sampled_by_the_weights_of_k_updates_before(tmp_path, monkeypatch):
+    """--staleness 2: the log-probs recorded while sampling the batch of step t are those of the
+    weights the policy had at step t − 2 (the starting weights for the first two), recomputed
+    here, and not those it trains them with; π_old is the latter (phase 3). CPU: the same kernels
+    sample and recompute, so the tolerance is rounding's."""
+    traces, weights = capture_steps(monkeypatch)
+    log = ppo_rlhf.main(cpu_tiny(steps=5, staleness=2, lr=1e-3, output_dir=str(tmp_path), sample_every=0,
+                                 eval_prompts=0))  # fmt: skip
+    assert [r["staleness"] for r in log] == [0, 1, 2, 2, 2]
+    model = ppo_rlhf.load_policy_and_tokenizer(str(tmp_path), torch.device("cpu"))[0]
+    for t, trace in enumerate(traces):
+        tensors = (trace["query_ids"], trace["query_mask"], trace["response_ids"], trace["response_mask"])
+        mask = trace["response_mask"]
+        with torch.no_grad():
+            model.load_state_dict(weights[max(t - 2, 0)])
+            sampler = batched_forward_pass(model, *tensors, return_logits=True)
+            model.load_state_dict(weights[t])
+            current = batched_forward_pass(model, *tensors).logprobs
+        scale = sampler.logits.abs().max()
+        assert_close_scaled(trace["sampler_logprobs"][mask], sampler.logprobs[mask], scale)
+        assert_close_scaled(trace["logprobs"][mask], current[mask], scale)  # π_old: the weights of now
+        if t >= 1:  # one update or more apart: a gap no rounding makes
+            assert (trace["sampler_logprobs"] - current)[mask].abs().max() > 1e3 * FP32_RTOL * scale
+
+
+def test_staleness_zero_is_the_loop_without_a_queue_and_bypass_there_is_recomputation_up_to_rounding(tmp_path,
+                                                                                                      monkeypatch):
+    """k = 0 trains on the batch it has just sampled: the log equals the loop's with no queue at
+    all, number for number. --bypass-mode at k = 0 takes μ, recorded while sampling, for π_old:
+    the same numbers as phase 3's recomputation up to rounding (CPU; same kernels)."""
+    base = dict(steps=3, sample_every=0, eval_prompts=0)
+    plain = ppo_rlhf.main(cpu_tiny(output_dir=str(tmp_path / "queue"), **base))
+    step = ppo_rlhf.ppo_step
+    monkeypatch.setattr(ppo_rlhf, "ppo_step", lambda *a, queue=None, **k: step(*a, **k))  # no queue at all
+    without = ppo_rlhf.main(cpu_tiny(output_dir=str(tmp_path / "none"), **base))
+    monkeypatch.undo()
+    for x, y in zip(plain, without):
+        assert {k: v for k, v in x.items() if k != "time"} == {k: v for k, v in y.items() if k != "time"}
+    bypass = ppo_rlhf.main(cpu_tiny(output_dir=str(tmp_path / "bypass"), bypass_mode=True, **base))
+    x, y = plain[0], bypass[0]
+    assert x["score"] == y["score"]  # the same tokens
+    assert abs(y["sampler_kl"]) < 1e-5 and y["sampler_ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    for key in ("kl", "pg_loss", "vf_loss", "loss", "approxkl", "entropy"):
+        assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), key
+
+
+@slow
+def test_resume_mid_queue_ends_bitwise_where_an_unbroken_run_ends(tmp_path):
+    """--staleness 2, saved after step 3 with two batches queued (sampled at steps 2 and 3 by the
+    weights of then): resumed, the run writes the unbroken run's log and ends with its weights."""
+    args = dict(staleness=2, sample_every=0, eval_prompts=0, lr=1e-3)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ppo_rlhf.main(cpu_tiny(steps=6, output_dir=str(straight), **args))
+    ppo_rlhf.main(cpu_tiny(steps=3, output_dir=str(resumed), **args))
+    queued = torch.load(resumed / checkpoint.TRAINER_STATE, weights_only=True)["queues"][0]
+    assert [batch["version"] for batch in queued] == [1, 2]
+    stopped_early(resumed, 6)
+    assert ppo_rlhf.cli(["--resume", str(resumed)]) == 0
+    a, b = checkpoint.read_log(str(straight / "log.jsonl")), checkpoint.read_log(str(resumed / "log.jsonl"))
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        x.pop("time"), y.pop("time")
+        assert x == y
+    from safetensors.torch import load_file
+
+    w, v = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert w.keys() == v.keys() and all(torch.equal(w[k], v[k]) for k in w)
+
+
+@slow
+def test_under_torchrun_each_rank_queues_its_own_rollouts_and_resumes_them(tmp_path):
+    """`torchrun --nproc_per_node 2 ppo_rlhf.py --tiny --staleness 2`: saved after step 2, the
+    checkpoint holds two queues of two batches (sampled by the starting weights and by those after
+    one update), one per rank and each rank's own prompts; resumed to step 4, the run ends with the
+    weights of the 4-step run that was never stopped, bit for bit (CPU)."""
+    args = ["--tiny", "--device", "cpu", "--staleness", "2", "--eval-prompts", "0", "--sample-every", "0"]
+    code, output, _ = torchrun("ppo_rlhf.py", args + ["--steps", "4", "--output-dir", str(tmp_path / "straight")])
+    assert code == 0, output[-3000:]
+    resumed = tmp_path / "resumed"
+    code, output, _ = torchrun("ppo_rlhf.py", args + ["--steps", "2", "--output-dir", str(resumed)])
+    assert code == 0, output[-3000:]
+    queues = torch.load(resumed / checkpoint.TRAINER_STATE, weights_only=True)["queues"]
+    assert len(queues) == 2 and all([batch["version"] for batch in q] == [0, 1] for q in queues)
+    assert not torch.equal(queues[0][0]["query_ids"], queues[1][0]["query_ids"])  # each rank its own prompts
+    stopped_early(resumed, 4)
+    code, output, _ = torchrun("ppo_rlhf.py", ["--resume", str(resumed), "--output-dir", str(resumed)])
+    assert code == 0, output[-3000:]
+    for name in ("model.safetensors", value_head.VALUE_HEAD_FILE):
+        assert (resumed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert [r["step"] for r in checkpoint.read_log(str(resumed / "log.jsonl"))] == list(range(1, 5))

@@ -6,6 +6,9 @@ Run each from the repository root as a module, so that it imports the root's fil
     python -m experiments.overoptimization # step 2 and over-optimization (docs/reward-model.md)
     python -m experiments.frontier         # DPO's frontier, gold score against KL (docs/dpo.md)
     python -m experiments.objectives       # the objective's variants on --tiny (docs/objectives.md)
+    python -m experiments.verifiable       # RL on --task sums, pass@k before and after (docs/verifiable.md)
+    python -m experiments.off_policy       # stale rollouts and their corrections on --tiny (docs/off-policy.md)
+    python -m experiments.overlap          # a generator in its own process, timed (docs/performance.md)
 
 Each writes the numbers its page is made from into docs/ (a JSON file and a figure). The scripts
 named trl_* run in TRL's own virtual environment (their docstrings give the commands), and
