@@ -25,8 +25,10 @@ from logprobs import ROW_TOKENS
 from ppo_loss import IS_CORRECTIONS, LOSS_AGGS, LOSS_TYPES
 from rewards import KL_KINDS
 
-# The advantage estimators: GAE with the critic (gae.py), or from groups of K (group_advantages.py).
-ESTIMATORS = ("gae", "rloo", "grpo")
+# The advantage estimators: GAE with the critic (gae.py), from groups of K (group_advantages.py), or each
+# token's discounted reward-to-go, no critic and no baseline (gae.reward_to_go: on-policy distillation's).
+ESTIMATORS = ("gae", "rloo", "grpo", "reward-to-go")
+GROUP_ESTIMATORS = ("rloo", "grpo")
 TASKS = ("sums",)  # --task: the verifiable tasks of the tiny world (task.py)
 
 
@@ -151,6 +153,10 @@ class Config(ObjectiveConfig, RunConfig):
                                   "default 1 each")
     task: str = arg("", "with --tiny: a verifiable task instead of the sentiment classifier: sums (task.py), "
                         "its own starting policy and problems, rewards from its checker, held-out pass@1 logged")
+    teacher: str = arg("", "distillation: a causal LM (a Hub id or a folder) with the policy's tokenizer that takes the "
+                           "reference's place in the KL; the policy still starts from --model (docs/distillation.md)")
+    score: bool = arg(True, "--no-score: no reward model or function; the KL to the reference, or to --teacher, is "
+                            "the whole signal")
     gold_reward_model: str = arg("", "a second classifier, never trained on: its score of the same texts is "
                                       "logged as gold_score (the truth a learned --reward-model stands for)")
     gold_reward_fn: str = arg("", "the same, a Python function as for --reward-fn; with --tiny and "
@@ -169,7 +175,8 @@ class Config(ObjectiveConfig, RunConfig):
     response_max_len: int = arg(15, "longest response to sample, in tokens")
     # PPO
     advantage_estimator: str = arg("gae", "gae: PPO with the value head (critic); rloo or grpo: no critic, "
-                                           "advantages from K responses per prompt (group_advantages.py)")
+                                           "advantages from K responses per prompt (group_advantages.py); "
+                                           "reward-to-go: no critic, each token's discounted sum of rewards")
     group_size: int = arg(0, "K, responses sampled per prompt; 0 = 1 for gae, 4 for rloo and grpo")
     batch_size: int = arg(128, "episodes (responses) per PPO step, so batch_size / K prompts")
     mini_batch_size: int = arg(128, "episodes per gradient step; must divide batch_size")
@@ -192,7 +199,7 @@ class Config(ObjectiveConfig, RunConfig):
     @property
     def responses_per_prompt(self) -> int:
         """K: --group-size, or its default for the estimator."""
-        return self.group_size or (1 if self.advantage_estimator == "gae" else 4)
+        return self.group_size or (4 if self.advantage_estimator in GROUP_ESTIMATORS else 1)
 
     def validate(self) -> None:
         """Raise ConfigError, one line naming the fix, for a value no run can use (errors.py)."""

@@ -518,14 +518,15 @@ def _rows(shape, world: int, fsdp: bool) -> int:
     return -(-shape[0] // world) * math.prod(shape[1:])
 
 
-def memory_plan(policy, world: int, fsdp: bool, dtype: str = "fp32") -> dict:
+def memory_plan(policy, world: int, fsdp: bool, dtype: str = "fp32", teacher=None) -> dict:
     """Bytes each process holds for PPO's training state, from the shapes of a policy with its
     value head (a model built on the `meta` device will do: nothing is allocated).
 
     fp32 throughout (the master weights; bf16 is autocast over them): parameters 4 bytes,
     gradients 4, Adam's two moments 8, the reference's parameters 4. DDP: all of it on every
     process. FSDP: rank 0's shard of each (the largest). `rollout_gathered`: what `gathered`
-    adds while the policy samples, the rest of the full weights.
+    adds while the policy samples, the rest of the full weights. With a `teacher` (--teacher) the
+    reference's bytes are the teacher's parameters, whatever its size.
 
     `rollout_bf16` (--dtype bf16): autocast keeps the bf16 copy it makes of a weight for as long
     as its block lasts, for leaf tensors that require grad, so while the policy samples it holds
@@ -545,7 +546,10 @@ def memory_plan(policy, world: int, fsdp: bool, dtype: str = "fp32") -> dict:
     cast = sum(p.numel() for m in policy.modules() if id(m) not in fp32 and not isinstance(m, torch.nn.Embedding)
                for p in m.parameters(recurse=False) if p.dim() >= 2 and p.requires_grad)  # fmt: skip
     lora = hasattr(lm, "disable_adapter")  # the reference is the policy, adapters off
-    return dict(parameters=4 * n, gradients=4 * trained, adam=8 * trained, reference=0 if lora else 4 * n,
+    reference = 0 if lora else 4 * n
+    if teacher is not None:
+        reference = 4 * sum(_rows(tuple(p.shape), world, fsdp) for p in {id(p): p for p in teacher.parameters()}.values())
+    return dict(parameters=4 * n, gradients=4 * trained, adam=8 * trained, reference=reference,
                 rollout_gathered=4 * (full - n) if fsdp else 0, rollout_bf16=2 * cast if dtype == "bf16" else 0)  # fmt: skip
 
 

@@ -113,7 +113,7 @@ def check_config(cfg, estimators) -> None:
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"--lora-dropout must be below 1, got {cfg.lora_dropout}")
     K = cfg.responses_per_prompt
-    if cfg.advantage_estimator != "gae" and K < 2:
+    if cfg.advantage_estimator in ("rloo", "grpo") and K < 2:
         raise ConfigError(f"--advantage-estimator {cfg.advantage_estimator} compares each response with the "
                           "others to the same prompt: --group-size must be at least 2")  # fmt: skip
     if cfg.batch_size % K:
@@ -133,7 +133,7 @@ def check_config(cfg, estimators) -> None:
 def check_objective(cfg) -> None:
     """The variants of the objective (config.ObjectiveConfig): one ConfigError line for a value or
     a combination that cannot work."""
-    group = cfg.advantage_estimator != "gae"
+    group = cfg.advantage_estimator in ("rloo", "grpo")
     if not 0.0 < cfg.temperature or not 0.0 < cfg.top_p <= 1.0 or cfg.top_k < 0:
         raise ConfigError(f"--temperature must be above 0, --top-p in (0, 1] and --top-k at least 0; got "
                           f"{cfg.temperature}, {cfg.top_p} and {cfg.top_k}")  # fmt: skip
@@ -146,6 +146,9 @@ def check_objective(cfg) -> None:
     if cfg.scale_rewards != "auto" and not group:
         raise ConfigError(f"--scale-rewards scales the group estimators' advantages (rloo, grpo); gae whitens its own "
                           "over the batch: drop --scale-rewards or choose --advantage-estimator rloo or grpo")
+    if not cfg.score and not cfg.teacher:
+        raise ConfigError("--no-score leaves the KL to the starting policy as the only signal, which the policy "
+                          "already minimizes: give a --teacher to distil from, or drop --no-score")  # fmt: skip
     if cfg.ratio_level == "sequence" and not group:
         raise ConfigError("--ratio-level sequence (GSPO) gives each response one ratio, for one advantage per "
                           "response: use --advantage-estimator rloo or grpo, whose advantages are per response")

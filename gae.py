@@ -142,3 +142,22 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         A scalar.
     """
     return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)
+
+
+def reward_to_go(rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Each token's discounted sum of the rewards from it to the end of its response: GAE with no
+    critic (V = 0) and λ = 1, not whitened. REINFORCE's advantage without a baseline, and on-policy
+    distillation's: with the score off and the teacher as the reference, r_t = −β(log π − log
+    π_teacher), and γ = 0 makes each token's advantage its own reward (Tinker's
+    `kl_discount_factor` 0); γ = 1 adds the teacher's verdict on the tokens that follow, the
+    score-function gradient of the whole response's reverse KL (docs/distillation.md).
+
+    Args:
+        rewards: (B, T) per-token rewards.
+        response_mask: (B, T) bool, True at real response tokens; a prefix of each row.
+        gamma: discount γ.
+
+    Returns:
+        advantages: (B, T); 0 at padding.
+    """
+    return compute_gae(rewards, torch.zeros_like(rewards), response_mask, gamma, 1.0)[0]

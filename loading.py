@@ -457,10 +457,10 @@ def _pad(rows, pad_id: int, device, left: bool):
     return ids.to(device), mask.to(device)
 
 
-def prepare_training(policy, cfg, device):
+def prepare_training(policy, cfg, device, teacher=None):
     """The frozen reference (a copy of the starting policy; with --lora-rank, the policy itself
-    with its adapters off, see lora.py), Adam, and the KL controller; with --advantage-estimator
-    rloo or grpo the value head is frozen too.
+    with its adapters off, see lora.py; with --teacher, the teacher), Adam, and the KL controller;
+    with an estimator that has no critic (rloo, grpo, reward-to-go) the value head is frozen too.
 
     In this order: the reference is made from the starting weights; `--resume` then loads the
     checkpoint's weights into the policy (checkpoint.restore_weights); `--fsdp` then shards the
@@ -477,15 +477,17 @@ def prepare_training(policy, cfg, device):
         import lora
 
         ref_model = lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, cfg.lora_dropout)
-    else:
+    elif teacher is None:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    if teacher is not None:  # distillation: the teacher takes the reference's place (the policy keeps any adapters)
+        ref_model = teacher.eval().requires_grad_(False)
     if cfg.advantage_estimator != "gae":  # no critic: nothing trains the value head (and DDP skips it)
         policy.v_head.requires_grad_(False)
     if cfg.resume:
         checkpoint.restore_weights(cfg.resume, policy)
     if cfg.fsdp:  # [fsdp] one unit per transformer block and one for the rest, for the policy and the reference
         distributed.shard(policy, trains=True, device=device)
-        if not cfg.lora_rank:  # with LoRA the reference is the (sharded) policy itself
+        if teacher is not None or not cfg.lora_rank:  # with LoRA the reference is the (sharded) policy itself
             distributed.shard(ref_model, trains=False, device=device)
     params = [p for p in policy.parameters() if p.requires_grad] if cfg.lora_rank else policy.parameters()
     optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # LoRA: Adam's state for A, B and the value head
@@ -494,6 +496,31 @@ def prepare_training(policy, cfg, device):
     else:
         kl_ctl = FixedKLController(cfg.init_kl_coef)
     return ref_model, optimizer, kl_ctl
+
+
+def load_teacher(name: str, tokenizer, policy, device):
+    """--teacher: a causal LM loaded as the policy is (with a value head it never uses), frozen.
+    Its tokenizer must be the policy's, token for token, and its LM head as wide: the KL compares
+    the two models' log-probs of the same token ids. A teacher with another vocabulary is refused
+    in one line (distillation across tokenizers, TRL's GOLD, is not this code's). None for no name."""
+    if not name:
+        return None
+    with fork_rng(device):  # its value head's random init (never used) leaves the run's random stream as it was
+        teacher, teacher_tokenizer = load_policy_and_tokenizer(name, device)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"--teacher {name}: its tokenizer is not the policy's ({len(teacher_tokenizer)} tokens "
+                          f"against {len(tokenizer)}, or the same count with other ids); distillation across "
+                          "tokenizers is out of scope: choose a teacher of the policy's family")  # fmt: skip
+    rows = [m.lm.get_output_embeddings().weight.shape[0] for m in (teacher, policy)]
+    if rows[0] != rows[1]:
+        raise ConfigError(f"--teacher {name}: its LM head has {rows[0]} rows against the policy's {rows[1]}: the "
+                          "KL over the vocabulary needs the same width; choose a teacher of the policy's family")
+    return teacher.eval().requires_grad_(False)
+
+
+def no_score(texts, **_) -> torch.Tensor:
+    """--no-score: every text scores 0, so the KL term of the rewards is the whole signal."""
+    return torch.zeros(len(texts))
 
 
 def make_autocast(device, dtype: str):

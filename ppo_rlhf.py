@@ -14,7 +14,8 @@ One PPO step (`ppo_step`), with the tutorial's section titles:
     3. logprobs    policy log-probs and values, reference log-probs (logprobs.batched_forward_pass)
     4. rewards     KL-shaped per-token rewards                      (rewards.kl_shaped_rewards)
     5. GAE         advantages and returns, advantages whitened      (gae.compute_gae), or with no
-                   critic RLOO / GRPO from K responses per prompt  (group_advantages.py)
+                   critic RLOO / GRPO from K responses per prompt  (group_advantages.py), or
+                   each token's reward-to-go                        (gae.reward_to_go)
     6. PPO epochs  clipped loss over shuffled minibatches           (`ppo_update`, ppo_loss.ppo_loss)
     7. log         adapt the KL coefficient, gather the stats       (rewards.AdaptiveKLController)
 
@@ -45,11 +46,11 @@ import trackers
 import task
 from config import TASK_OVERRIDES, TINY_OVERRIDES, Config, parse_args
 from errors import NonFiniteError, RunError, check_finite
-from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
+from gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten, reward_to_go
 from group_advantages import grpo_advantages, rloo_advantages, sequence_rewards
 from loading import fork_rng, left_pad, load_policy_and_tokenizer, load_prompts, load_reward_fn, load_score_fn
-from loading import load_scorer, make_autocast, offline_if_hub_unreachable, prepare_training, resolve_device
-from loading import reward_batch_size, seed_everything
+from loading import load_scorer, load_teacher, make_autocast, no_score, offline_if_hub_unreachable, prepare_training
+from loading import resolve_device, reward_batch_size, seed_everything
 from logprobs import batched_forward_pass
 from pass_at_k import mean_pass_at_k
 from ppo_loss import aggregate, is_weights, m2po_mask, ppo_loss, sampler_mismatch
@@ -227,8 +228,7 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         ref_logprobs, _, ref_logits, _ = batched_forward_pass(
             ref_model, *episodes, return_logits=full_kl, row_tokens=cfg.row_tokens
         )  # (B, T), -, (B, T, V) or None: packed as the policy's, so KL = 0 exactly where the two are equal
-    # π_old: phase 3's recomputation ("proximal" when the batch is stale), or μ itself with --bypass-mode, the
-    # naive asynchronous loss (the pass above then gives the values, the entropy and the mismatch logged)
+    # π_old: phase 3's recomputation ("proximal" when stale), or with --bypass-mode μ itself (docs/off-policy.md)
     logprobs = sampler_logprobs if cfg.bypass_mode else prox_logprobs  # (B, T)
     timer("forward")
 
@@ -246,6 +246,8 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
         raw_advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
         advantages = masked_whiten(raw_advantages, response_mask, *distributed.global_mean_var(raw_advantages,
                                    response_mask))  # (B, T); [ddp] over every rank's tokens
+    elif estimator == "reward-to-go":  # no critic, no baseline, not whitened: on-policy distillation's advantage
+        raw_advantages = advantages = returns = reward_to_go(rewards, response_mask, cfg.gamma)  # (B, T)
     else:
         scale = cfg.group_scale()  # [ddp] the batch's std over every rank's responses
         batch_std = distributed.global_std(sequence_rewards(rewards, response_mask)) if scale == "batch" else None
@@ -366,14 +368,17 @@ def main(cfg: Config) -> list:
     reward_model = cfg.reward_model if learned else reward_model
     presets = {**TINY_OVERRIDES, **(TASK_OVERRIDES if cfg.task else {})}
     print(report.config_line(cfg, presets, model=model, reward_model=reward_model, dataset=dataset))
-    offline_if_hub_unreachable(model, dataset, cfg.reward_fn or reward_model, gold)
+    offline_if_hub_unreachable(model, dataset, cfg.reward_fn or reward_model, gold, cfg.teacher)
     reward = f"the function {cfg.reward_fn}" if cfg.reward_fn else f"the reward model from {reward_model}"
+    reward = reward if cfg.score else f"no score (--no-score), the teacher from {cfg.teacher}"
     print(f"loading the policy from {model}, {reward}, prompts from {dataset}" + (f"; gold: {gold}" if gold else ""))
     policy, tokenizer = load_policy_and_tokenizer(model, torch.device("cpu") if cfg.fsdp else device)  # [fsdp] sharding moves it
     print(report.phase_3_layout(policy, cfg.row_tokens))
-    ref_model, optimizer, kl_ctl = prepare_training(policy, cfg, device)  # [fsdp] policy and reference sharded here
+    teacher = load_teacher(cfg.teacher, tokenizer, policy, torch.device("cpu") if cfg.fsdp else device)  # or None
+    ref_model, optimizer, kl_ctl = prepare_training(policy, cfg, device, teacher)  # [fsdp] policy and reference sharded here
     reward_batch = reward_batch_size(cfg.reward_batch_size, device)
-    score_fn = score_fn or load_score_fn(reward_model, cfg.reward_label, reward_batch, device)
+    score_fn = no_score if not cfg.score else score_fn or load_score_fn(reward_model, cfg.reward_label, reward_batch,
+                                                                        device)  # fmt: skip
     flag = "--gold-reward-model" if cfg.gold_reward_model else "--gold-reward-fn"
     gold_fn = load_scorer(gold, cfg.reward_label, reward_batch, device, flag) if gold else None  # never trained on
     prompt_rng = torch.Generator().manual_seed(cfg.seed)  # query lengths and data order, alike on all ranks
@@ -391,9 +396,10 @@ def main(cfg: Config) -> list:
     groups = f" ({prompts_per_step} prompts × {K} responses)" if K > 1 else ""
     print(f"{len(queries)} training prompts, {len(eval_queries)} held out; {steps} steps of {cfg.batch_size} "
           f"episodes{groups} on {world} × {device}")  # fmt: skip
+    start_model = policy if cfg.teacher else ref_model  # the starting policy: with --teacher, not the reference
     if n_eval:
         eval_ids, eval_mask = left_pad(eval_queries, tokenizer.pad_token_id, device)
-        before = evaluate_held_out(ref_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn,
+        before = evaluate_held_out(start_model, tokenizer, score_fn, eval_ids, eval_mask, cfg, autocast, gold_fn,
                                    eval_columns)  # fmt: skip
     if cfg.task and n_eval:  # RLVR's measure: the share of held-out problems solved, per sample
 
@@ -401,7 +407,7 @@ def main(cfg: Config) -> list:
             correct = held_out_correct(lm, tokenizer, eval_ids, eval_mask, eval_columns["solution"], cfg, autocast)
             return mean_pass_at_k(correct, [1])[1]
 
-        start_pass = pass_at_1(ref_model)
+        start_pass = pass_at_1(start_model)
         print(f"held-out pass@1 of the starting policy: {start_pass:.3f} ({n_eval} problems × {cfg.eval_samples})")
     order, start, queue = torch.randperm(len(queries), generator=prompt_rng), 0, None
     if cfg.resume:  # the weights were loaded in prepare_training
@@ -443,7 +449,7 @@ def main(cfg: Config) -> list:
                 raise type(e)(f"step {step + 1}: {e}; {checkpoint.what_is_on_disk(cfg.output_dir)}") from None
             if (world > 1 or cfg.fsdp) and step == start:  # [ddp] what each process holds, beside the plan
                 print(report.memory_line(distributed.measured_bytes(policy, optimizer, ref_model),
-                                         distributed.memory_plan(policy, world, cfg.fsdp, cfg.dtype), device))  # fmt: skip
+                                         distributed.memory_plan(policy, world, cfg.fsdp, cfg.dtype, teacher), device))  # fmt: skip
             fluency = {"fluency": tiny.fluency(trace["texts"])} if cfg.tiny and not cfg.task else {}
             record = {"step": step + 1, **record, **fluency, **gold}
             record = distributed.mean({**record, "stop": float(stop.asked)})  # [ddp] stats over ranks

@@ -95,6 +95,9 @@ def explain(trace: dict, record: dict, tokenizer, cfg, step: int = 1) -> None:
         _show("advantages (raw)", trace["raw_advantages"], f"A_t = δ_t + γλ·A_t+1, γ={cfg.gamma}, λ={cfg.lam}", rm)
         _show("advantages", trace["advantages"], "whitened over the batch's real tokens: mean 0, std 1", rm)
         _show("returns", trace["returns"], "A + V (raw A): the value head's target", rm)
+    elif estimator == "reward-to-go":
+        _phase(5, "reward-to-go: advantages with no critic", "gae.reward_to_go")
+        _show("advantages", trace["advantages"], f"A_t = r_t + γ·A_t+1, γ={cfg.gamma}; not whitened", rm)
     else:
         _phase(5, f"group advantages ({estimator}, no critic)", f"group_advantages.{estimator}_advantages")
         R = sequence_rewards(trace["rewards"], rm)  # (B,)

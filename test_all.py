@@ -1437,7 +1437,8 @@ def test_cli_help_groups_and_tiny_overrides(capsys):
     cfg = ppo_rlhf.parse_args(["--tiny", "--batch-size", "128", "--seed", "3"])
     assert cfg.tiny and cfg.batch_size == 128 and cfg.seed == 3 and cfg.lr == config.TINY_OVERRIDES["lr"]
     assert ppo_rlhf.parse_args([]) == ppo_rlhf.Config()
-    assert config.ESTIMATORS == ("gae", *ppo_rlhf.GROUP_ESTIMATORS)  # the flag's choices are the loop's
+    assert config.ESTIMATORS == ("gae", *ppo_rlhf.GROUP_ESTIMATORS, "reward-to-go")  # the flag's choices: the loop's
+    assert config.GROUP_ESTIMATORS == tuple(ppo_rlhf.GROUP_ESTIMATORS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3662,3 +3663,110 @@ def test_under_torchrun_each_rank_queues_its_own_rollouts_and_resumes_them(tmp_p
     for name in ("model.safetensors", value_head.VALUE_HEAD_FILE):
         assert (resumed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     assert [r["step"] for r in checkpoint.read_log(str(resumed / "log.jsonl"))] == list(range(1, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# On-policy distillation: --teacher in the reference's place (docs/distillation.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reward_to_go_is_the_discounted_sum_of_the_rewards_that_follow():
+    rewards = torch.tensor([[1.0, -2.0, 0.5, 9.0], [0.3, 0.7, 9.0, 9.0]])
+    mask = ragged_mask([3, 2], 4)
+    for gamma in (0.0, 0.5, 1.0):
+        got = gae.reward_to_go(rewards, mask, gamma)
+        for i, L in enumerate([3, 2]):
+            for t in range(4):
+                want = sum(gamma ** (u - t) * rewards[i, u].item() for u in range(t, L)) if t < L else 0.0
+                assert got[i, t].item() == pytest.approx(want, abs=1e-6), (gamma, i, t)
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """A teacher of the --tiny policy's family (its tokenizer, its shape) that is not the policy:
+    the world's policy with every weight moved a little, saved as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy_dir = tiny.ensure_world()[0]
+    folder = tmp_path_factory.mktemp("teacher")
+    lm = AutoModelForCausalLM.from_pretrained(policy_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    lm.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_teacher_equal_to_the_reference_changes_nothing(tmp_path):
+    """--teacher naming the starting policy's own folder, the score on: the log of the run without it."""
+    base = dict(steps=3, sample_every=0, eval_prompts=0)
+    plain = ppo_rlhf.main(cpu_tiny(output_dir=str(tmp_path / "plain"), **base))
+    taught = ppo_rlhf.main(cpu_tiny(output_dir=str(tmp_path / "taught"), teacher=tiny.ensure_world()[0], **base))
+    for x, y in zip(plain, taught):
+        assert {k: v for k, v in x.items() if k != "time"} == {k: v for k, v in y.items() if k != "time"}
+
+
+def test_with_the_score_off_each_token_s_advantage_is_minus_its_log_ratio_to_the_teacher(other_teacher, tmp_path):
+    """--teacher T --no-score --advantage-estimator reward-to-go --gamma 0, β fixed at 1: Tinker's
+    on-policy distillation. Every real token's advantage is −(log π − log π_teacher), exactly; the
+    teacher's log-probs are those of T's own weights, not the starting policy's."""
+    [record] = ppo_rlhf.main(cpu_tiny(explain=True, teacher=other_teacher, score=False, gamma=0.0,
+                                      advantage_estimator="reward-to-go", init_kl_coef=1.0, adaptive_kl=False,
+                                      output_dir=str(tmp_path)))  # fmt: skip
+    trace = record["trace"]
+    mask = trace["response_mask"]
+    assert torch.equal(trace["advantages"][mask], -(trace["logprobs"] - trace["ref_logprobs"])[mask])
+    assert (trace["scores"] == 0).all() and (trace["advantages"][mask] != 0).all()
+
+
+def test_distilling_from_a_teacher_lowers_the_kl_to_it(other_teacher, tmp_path):
+    """30 steps of --tiny's Tinker form toward a moved copy of the policy: the logged KL to the
+    teacher (k1 summed over a response, on the student's samples) of the last 5 steps is below
+    half that of the first 5 (CPU, seed 0)."""
+    log = ppo_rlhf.main(cpu_tiny(steps=30, teacher=other_teacher, score=False, gamma=0.0, output_dir=str(tmp_path),
+                                 advantage_estimator="reward-to-go", init_kl_coef=1.0, adaptive_kl=False,
+                                 sample_every=0, eval_prompts=0))  # fmt: skip
+    first, last = (sum(r["kl"] for r in rows) / 5 for rows in (log[:5], log[-5:]))
+    assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--no-score"], "give a --teacher to distil from"),
+        (["--teacher", "TASK_POLICY"], "its tokenizer is not the policy's"),
+    ],
+)
+def test_impossible_distillation_settings_are_one_line(tmp_path, capsys, extra, expected):
+    extra = [tiny.ensure_task_world()[0] if e == "TASK_POLICY" else e for e in extra]  # the sums world: 16 tokens
+    capsys.readouterr()  # its build's progress, the first time
+    code, err = run_cli(["--tiny", "--output-dir", str(tmp_path), "--steps", "1", *extra], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+
+
+def test_a_teacher_with_lora_is_the_reference_and_the_adapters_train(other_teacher, tmp_path):
+    """--lora-rank 8 --teacher T: the KL of step 1 is to T (not 0, as with the policy's own
+    adapters off), and only the adapters and the value head are trained."""
+    pytest.importorskip("peft")
+    log = ppo_rlhf.main(cpu_tiny(steps=2, lora_rank=8, teacher=other_teacher, output_dir=str(tmp_path),
+                                 sample_every=0, eval_prompts=0))  # fmt: skip
+    assert log[0]["kl"] > 0.1, log[0]["kl"]
+    assert (tmp_path / "adapter").is_dir()
+
+
+@slow
+def test_under_torchrun_fsdp_shards_the_teacher_and_the_memory_plan_counts_it(other_teacher, tmp_path):
+    """`torchrun --nproc_per_node 2 ppo_rlhf.py --tiny --fsdp --teacher T`: the teacher is sharded
+    as the reference is, and rank 0's measured bytes for it equal the plan's, half of T's."""
+    from transformers import AutoModelForCausalLM
+
+    args = ["--tiny", "--device", "cpu", "--fsdp", "--teacher", other_teacher, "--steps", "2", "--eval-prompts", "0",
+            "--sample-every", "0", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    code, output, _ = torchrun("ppo_rlhf.py", args)
+    assert code == 0, output[-3000:]
+    measured, planned = memory_numbers(output)["reference"]
+    teacher_bytes = 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(other_teacher).parameters())
+    assert measured == planned and 0.45 < measured / teacher_bytes < 0.55, (measured, planned, teacher_bytes)

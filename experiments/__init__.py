@@ -9,8 +9,22 @@ Run each from the repository root as a module, so that it imports the root's fil
     python -m experiments.verifiable       # RL on --task sums, pass@k before and after (docs/verifiable.md)
     python -m experiments.off_policy       # stale rollouts and their corrections on --tiny (docs/off-policy.md)
     python -m experiments.overlap          # a generator in its own process, timed (docs/performance.md)
+    python -m experiments.distillation     # a teacher's KL in place of RL, beside SFT and GRPO (docs/distillation.md)
 
 Each writes the numbers its page is made from into docs/ (a JSON file and a figure). The scripts
 named trl_* run in TRL's own virtual environment (their docstrings give the commands), and
 gpu_check.sh on a CUDA machine (`bash experiments/gpu_check.sh`).
 """
+
+import json
+
+
+def finish(results: dict, args, tables, draw) -> dict:
+    """How an experiment ends: its results written to `args.results` (unless `args.tables` asked
+    only to read them back), its tables printed, its figure drawn to `args.picture`."""
+    if not args.tables:
+        with open(args.results, "w") as f:
+            json.dump(results, f, indent=1)
+    print(tables(results))
+    draw(results, args.picture)
+    return results

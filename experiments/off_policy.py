@@ -34,6 +34,7 @@ import json
 import os
 import statistics
 
+from experiments import finish
 from experiments.objectives import fmt, kl_to_reference, run
 
 STALENESS = (0, 1, 2, 4, 8)
@@ -122,11 +123,7 @@ def main(argv=None) -> dict:
                                                               {**flags, **extra, "staleness": k}, args.steps, "cpu"), k),
                                                 kl_end=kl_to_reference(os.path.join(folder, f"seed{seed}"), seed),
                                                 seed=seed) for seed in args.seeds]  # fmt: skip
-        with open(args.results, "w") as f:
-            json.dump(results, f, indent=1)
-    print(tables(results))
-    draw(results, args.picture)
-    return results
+    return finish(results, args, tables, draw)
 
 
 if __name__ == "__main__":

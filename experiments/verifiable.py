@@ -22,6 +22,7 @@ import statistics
 import torch
 
 import config
+from experiments import finish
 import loading
 import ppo_rlhf
 import tiny
@@ -160,15 +161,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--picture", default="docs/verifiable.png")
     parser.add_argument("--tables", action="store_true", help="print the tables and redraw from --results")
     args = parser.parse_args(argv)
-    if args.tables:
-        results = json.load(open(args.results))
-    else:
-        results = run(args)
-        with open(args.results, "w") as f:
-            json.dump(results, f, indent=1)
-    print(tables(results))
-    draw(results, args.picture)
-    return results
+    return finish(json.load(open(args.results)) if args.tables else run(args), args, tables, draw)
 
 
 if __name__ == "__main__":
