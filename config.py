@@ -233,7 +233,7 @@ def tiny_config(**overrides) -> Config:
 
 
 HELP_GROUPS = {"model": "what to train, on what", "query_min_len": "episode shape", "advantage_estimator": "PPO",
-               "lora_rank": "LoRA (lora.py)", "loss_agg": "variants of the objective (config.py, docs/objectives.md)",
+               "lora_rank": "LoRA (lora.py)", "loss_agg": "variants of the objective (config.py, docs/objectives.md, docs/off-policy.md)",
                "steps": "run"}  # fmt: skip
 
 

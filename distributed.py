@@ -548,7 +548,8 @@ def memory_plan(policy, world: int, fsdp: bool, dtype: str = "fp32", teacher=Non
     lora = hasattr(lm, "disable_adapter")  # the reference is the policy, adapters off
     reference = 0 if lora else 4 * n
     if teacher is not None:
-        reference = 4 * sum(_rows(tuple(p.shape), world, fsdp) for p in {id(p): p for p in teacher.parameters()}.values())
+        teacher_params = {id(p): p for p in teacher.parameters()}.values()  # tied weights once
+        reference = 4 * sum(_rows(tuple(p.shape), world, fsdp) for p in teacher_params)
     return dict(parameters=4 * n, gradients=4 * trained, adam=8 * trained, reference=reference,
                 rollout_gathered=4 * (full - n) if fsdp else 0, rollout_bf16=2 * cast if dtype == "bf16" else 0)  # fmt: skip
 

@@ -205,9 +205,9 @@ def ppo_loss(
         vf_loss: scalar value loss (with the ½, without vf_coef).
         stats: dict of detached 0-dim tensors: pg_clipfrac, vf_clipfrac, approxkl, policykl,
             ratio_mean, ratio_max; pg_clipfrac_lower with dual_clip, offpolicy_masked with the mask.
-            pg_clipfrac counts the tokens where PPO's clip is active, whichever the loss type. Tensors, not floats: on
-            a GPU each `.item()` makes the host wait for the device, so the caller turns them
-            into floats all at once.
+            pg_clipfrac counts the tokens where PPO's clip is active, whatever the loss type.
+            Tensors, not floats: on a GPU each `.item()` makes the host wait for the device, so
+            the caller turns them into floats all at once.
     """
     mask = response_mask.bool()
     # Padded columns may hold anything: zero them before exp so no inf/NaN reaches a gradient.

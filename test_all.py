@@ -3643,14 +3643,22 @@ def test_resume_mid_queue_ends_bitwise_where_an_unbroken_run_ends(tmp_path):
 
 
 @slow
-def test_under_torchrun_each_rank_queues_its_own_rollouts_and_resumes_them(tmp_path):
-    """`torchrun --nproc_per_node 2 ppo_rlhf.py --tiny --staleness 2`: saved after step 2, the
+def test_under_torchrun_each_rank_queues_its_own_rollouts_and_the_teacher_is_sharded(other_teacher, tmp_path):
+    """`torchrun --nproc_per_node 2 ppo_rlhf.py --tiny --fsdp --teacher T --staleness 2`, two
+    features that go through the processes in one run. The teacher is sharded as the reference is:
+    rank 0's measured bytes for it equal the memory plan's, half of T's. Saved after step 2, the
     checkpoint holds two queues of two batches (sampled by the starting weights and by those after
     one update), one per rank and each rank's own prompts; resumed to step 4, the run ends with the
     weights of the 4-step run that was never stopped, bit for bit (CPU)."""
-    args = ["--tiny", "--device", "cpu", "--staleness", "2", "--eval-prompts", "0", "--sample-every", "0"]
+    from transformers import AutoModelForCausalLM
+
+    args = ["--tiny", "--device", "cpu", "--fsdp", "--teacher", other_teacher, "--staleness", "2", "--eval-prompts",
+            "0", "--sample-every", "0"]  # fmt: skip
     code, output, _ = torchrun("ppo_rlhf.py", args + ["--steps", "4", "--output-dir", str(tmp_path / "straight")])
     assert code == 0, output[-3000:]
+    measured, planned = memory_numbers(output)["reference"]
+    teacher_bytes = 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(other_teacher).parameters())
+    assert measured == planned and 0.45 < measured / teacher_bytes < 0.55, (measured, planned, teacher_bytes)
     resumed = tmp_path / "resumed"
     code, output, _ = torchrun("ppo_rlhf.py", args + ["--steps", "2", "--output-dir", str(resumed)])
     assert code == 0, output[-3000:]
@@ -3658,7 +3666,7 @@ def test_under_torchrun_each_rank_queues_its_own_rollouts_and_resumes_them(tmp_p
     assert len(queues) == 2 and all([batch["version"] for batch in q] == [0, 1] for q in queues)
     assert not torch.equal(queues[0][0]["query_ids"], queues[1][0]["query_ids"])  # each rank its own prompts
     stopped_early(resumed, 4)
-    code, output, _ = torchrun("ppo_rlhf.py", ["--resume", str(resumed), "--output-dir", str(resumed)])
+    code, output, _ = torchrun("ppo_rlhf.py", ["--resume", str(resumed), "--fsdp", "--output-dir", str(resumed)])
     assert code == 0, output[-3000:]
     for name in ("model.safetensors", value_head.VALUE_HEAD_FILE):
         assert (resumed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
@@ -3755,18 +3763,3 @@ def test_a_teacher_with_lora_is_the_reference_and_the_adapters_train(other_teach
                                  sample_every=0, eval_prompts=0))  # fmt: skip
     assert log[0]["kl"] > 0.1, log[0]["kl"]
     assert (tmp_path / "adapter").is_dir()
-
-
-@slow
-def test_under_torchrun_fsdp_shards_the_teacher_and_the_memory_plan_counts_it(other_teacher, tmp_path):
-    """`torchrun --nproc_per_node 2 ppo_rlhf.py --tiny --fsdp --teacher T`: the teacher is sharded
-    as the reference is, and rank 0's measured bytes for it equal the plan's, half of T's."""
-    from transformers import AutoModelForCausalLM
-
-    args = ["--tiny", "--device", "cpu", "--fsdp", "--teacher", other_teacher, "--steps", "2", "--eval-prompts", "0",
-            "--sample-every", "0", "--output-dir", str(tmp_path / "run")]  # fmt: skip
-    code, output, _ = torchrun("ppo_rlhf.py", args)
-    assert code == 0, output[-3000:]
-    measured, planned = memory_numbers(output)["reference"]
-    teacher_bytes = 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(other_teacher).parameters())
-    assert measured == planned and 0.45 < measured / teacher_bytes < 0.55, (measured, planned, teacher_bytes)

@@ -48,7 +48,7 @@ from experiments.verifiable import correct_matrix, held_out_problems
 from logprobs import batched_forward_pass
 from pass_at_k import mean_pass_at_k
 
-ON_POLICY = dict(no_score=True, advantage_estimator="reward-to-go", init_kl_coef=1.0, adaptive_kl=False)
+ON_POLICY = dict(score=False, advantage_estimator="reward-to-go", init_kl_coef=1.0, adaptive_kl=False)
 METHODS = {
     "on-policy, γ 0 (Tinker)": dict(ON_POLICY, gamma=0.0),
     "on-policy, γ 1 (the sum over later tokens)": dict(ON_POLICY, gamma=1.0),
@@ -61,13 +61,13 @@ STEPS, TEACHER_STEPS = 50, 200
 
 
 def task_config(**overrides) -> config.Config:
-    flags = {("score" if k == "no_score" else k): (not v if k == "no_score" else v) for k, v in overrides.items()}
-    return config.tiny_config(task="sums", device="cpu", sample_every=0, **flags)
+    return config.tiny_config(task="sums", device="cpu", sample_every=0, **overrides)
 
 
 def teacher(out: str) -> str:
     """The teacher's folder, trained once (GRPO, seed 0, TEACHER_STEPS steps) and reused."""
-    if not os.path.isfile(os.path.join(out, "log.jsonl")) or len(open(os.path.join(out, "log.jsonl")).readlines()) < TEACHER_STEPS:
+    log = os.path.join(out, "log.jsonl")
+    if not os.path.isfile(log) or len(open(log).readlines()) < TEACHER_STEPS:
         ppo_rlhf.main(task_config(steps=TEACHER_STEPS, seed=0, output_dir=out))
     return out
 
@@ -155,7 +155,7 @@ def run(args) -> dict:
             if flags == "sft":
                 log = sft_run(out, master, seed)
             else:
-                extra = {"teacher": master} if flags.get("no_score") else {}
+                extra = {"teacher": master} if flags.get("score") is False else {}  # the on-policy forms
                 log = ppo_rlhf.main(task_config(seed=seed, steps=STEPS, output_dir=out, **flags, **extra))
             seconds = time.perf_counter() - began
             curve = [(r["step"], r["pass@1"]) for r in log if "pass@1" in r]
