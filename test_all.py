@@ -3763,3 +3763,20 @@ def test_a_teacher_with_lora_is_the_reference_and_the_adapters_train(other_teach
                                  sample_every=0, eval_prompts=0))  # fmt: skip
     assert log[0]["kl"] > 0.1, log[0]["kl"]
     assert (tmp_path / "adapter").is_dir()
+
+
+def test_a_teacher_of_another_size_works_through_its_logits_alone(tmp_path):
+    """A wider and deeper GPT-2 than the --tiny policy, on the policy's tokenizer: only the two
+    models' log-probs of the same tokens meet, so its size does not matter; the first step's KL is
+    to it (not 0)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    policy_dir = tiny.ensure_world()[0]
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=96, n_layer=3, n_head=4,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(tmp_path / "big")  # fmt: skip
+    tokenizer.save_pretrained(tmp_path / "big")
+    log = ppo_rlhf.main(cpu_tiny(steps=1, teacher=str(tmp_path / "big"), output_dir=str(tmp_path / "run"),
+                                 sample_every=0, eval_prompts=0))  # fmt: skip
+    assert log[0]["kl"] > 1.0, log[0]["kl"]
