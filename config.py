@@ -20,15 +20,14 @@ import lora
 import trackers
 from command_line import arg, parse_config
 from distributed import DIST_TIMEOUT
-from errors import ConfigError, check_config
+from errors import GROUP_ESTIMATORS, ConfigError, check_config
 from logprobs import ROW_TOKENS
 from ppo_loss import IS_CORRECTIONS, LOSS_AGGS, LOSS_TYPES
 from rewards import KL_KINDS
 
 # The advantage estimators: GAE with the critic (gae.py), from groups of K (group_advantages.py), or each
 # token's discounted reward-to-go, no critic and no baseline (gae.reward_to_go: on-policy distillation's).
-ESTIMATORS = ("gae", "rloo", "grpo", "reward-to-go")
-GROUP_ESTIMATORS = ("rloo", "grpo")
+ESTIMATORS = ("gae", *GROUP_ESTIMATORS, "reward-to-go")
 TASKS = ("sums",)  # --task: the verifiable tasks of the tiny world (task.py)
 
 
@@ -43,7 +42,7 @@ class ObjectiveConfig:
                                 "0 = off")
     ratio_level: str = arg("token", "token, or sequence: GSPO's one ratio per response (rloo and grpo)")
     kl_in: str = arg("auto", "where the KL to the reference goes: reward or loss; auto = loss for grpo, reward "
-                             "for gae and rloo (rewards.py)")
+                             "otherwise (rewards.py)")
     kl_kind: str = arg("auto", f"per-token KL estimator: one of {', '.join(KL_KINDS)} (kl = Schulman's k1, mse = "
                                "k2); auto = k3 in the loss, kl in the reward")
     kl_ratio_weight: bool = arg(True, "with the KL in the loss, weigh it by π/π_old, so that k3's gradient is that "
@@ -177,7 +176,7 @@ class Config(ObjectiveConfig, RunConfig):
     advantage_estimator: str = arg("gae", "gae: PPO with the value head (critic); rloo or grpo: no critic, "
                                            "advantages from K responses per prompt (group_advantages.py); "
                                            "reward-to-go: no critic, each token's discounted sum of rewards")
-    group_size: int = arg(0, "K, responses sampled per prompt; 0 = 1 for gae, 4 for rloo and grpo")
+    group_size: int = arg(0, "K, responses sampled per prompt; 0 = 4 for rloo and grpo, 1 otherwise")
     batch_size: int = arg(128, "episodes (responses) per PPO step, so batch_size / K prompts")
     mini_batch_size: int = arg(128, "episodes per gradient step; must divide batch_size")
     ppo_epochs: int = arg(4, "passes over each batch")

@@ -11,6 +11,8 @@ import torch
 from ppo_loss import IS_CORRECTIONS, LOSS_AGGS, LOSS_TYPES
 from rewards import KL_KINDS
 
+GROUP_ESTIMATORS = ("rloo", "grpo")  # the estimators whose advantages come from groups of K (group_advantages.py)
+
 
 class RunError(Exception):
     """A stop the user can act on; exit status 1."""
@@ -113,7 +115,7 @@ def check_config(cfg, estimators) -> None:
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"--lora-dropout must be below 1, got {cfg.lora_dropout}")
     K = cfg.responses_per_prompt
-    if cfg.advantage_estimator in ("rloo", "grpo") and K < 2:
+    if cfg.advantage_estimator in GROUP_ESTIMATORS and K < 2:
         raise ConfigError(f"--advantage-estimator {cfg.advantage_estimator} compares each response with the "
                           "others to the same prompt: --group-size must be at least 2")  # fmt: skip
     if cfg.batch_size % K:
@@ -133,7 +135,7 @@ def check_config(cfg, estimators) -> None:
 def check_objective(cfg) -> None:
     """The variants of the objective (config.ObjectiveConfig): one ConfigError line for a value or
     a combination that cannot work."""
-    group = cfg.advantage_estimator in ("rloo", "grpo")
+    group = cfg.advantage_estimator in GROUP_ESTIMATORS
     if not 0.0 < cfg.temperature or not 0.0 < cfg.top_p <= 1.0 or cfg.top_k < 0:
         raise ConfigError(f"--temperature must be above 0, --top-p in (0, 1] and --top-k at least 0; got "
                           f"{cfg.temperature}, {cfg.top_p} and {cfg.top_k}")  # fmt: skip

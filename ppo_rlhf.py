@@ -241,7 +241,8 @@ def ppo_step(policy, ref_model, optimizer, kl_ctl, tokenizer, score_fn, query_id
     )  # (B, T) each  # fmt: skip
     del logits  # (B, T, V): the reward's only
 
-    # 5. GAE: advantages and returns, whitened over the batch; or, with no critic, from each group of K
+    # 5. GAE: advantages and returns, whitened over the batch; or, with no critic, from each group of K or
+    # each token's reward-to-go
     if estimator == "gae":
         raw_advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, T)
         advantages = masked_whiten(raw_advantages, response_mask, *distributed.global_mean_var(raw_advantages,

@@ -16,7 +16,20 @@ named trl_* run in TRL's own virtual environment (their docstrings give the comm
 gpu_check.sh on a CUDA machine (`bash experiments/gpu_check.sh`).
 """
 
+import argparse
 import json
+
+
+def parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The flags every experiment of 3 seeds takes: --seeds, and where its runs, its JSON and its
+    figure go (runs/NAME, docs/NAME.json, docs/NAME.png), and --tables to redraw from the JSON."""
+    made = argparse.ArgumentParser(description=doc.split("\n")[0])
+    made.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    made.add_argument("--output-dir", default=f"runs/{name}")
+    made.add_argument("--results", default=f"docs/{name}.json")
+    made.add_argument("--picture", default=f"docs/{name}.png")
+    made.add_argument("--tables", action="store_true", help="only print the tables and redraw, from --results")
+    return made
 
 
 def finish(results: dict, args, tables, draw) -> dict:

@@ -31,7 +31,6 @@ after training, seeds 0–2. From each run's log: held-out pass@1 every 5 steps 
 samples, the run's own evaluation), and the seconds of the run.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -40,7 +39,7 @@ import time
 import torch
 
 import config
-from experiments import finish
+import experiments
 import loading
 import ppo_rlhf
 import tiny
@@ -208,14 +207,9 @@ def draw(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output-dir", default="runs/distillation")
-    parser.add_argument("--results", default="docs/distillation.json")
-    parser.add_argument("--picture", default="docs/distillation.png")
-    parser.add_argument("--tables", action="store_true", help="only print the table and redraw, from --results")
+    parser = experiments.parser(__doc__, "distillation")
     args = parser.parse_args(argv)
-    return finish(json.load(open(args.results)) if args.tables else run(args), args, tables, draw)
+    return experiments.finish(json.load(open(args.results)) if args.tables else run(args), args, tables, draw)
 
 
 if __name__ == "__main__":

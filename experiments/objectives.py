@@ -13,7 +13,6 @@ start and the end, the KL per response to the reference (k1 summed over a respon
 logged, whatever the placement) over the last 5 steps, and the median seconds per step.
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -22,6 +21,7 @@ import statistics
 import torch
 
 import config
+import experiments
 import loading
 import ppo_rlhf
 import tiny
@@ -173,16 +173,11 @@ def draw(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser = experiments.parser(__doc__, "objectives")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--only", nargs="+", choices=list(TABLES), default=list(TABLES))
     parser.add_argument("--trl", nargs="+", metavar="DIR", help="TRL GRPOTrainer runs (experiments/trl_grpo_tiny.py), seed i in the i-th")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output-dir", default="runs/objectives")
-    parser.add_argument("--results", default="docs/objectives.json")
-    parser.add_argument("--picture", default="docs/objectives.png")
-    parser.add_argument("--tables", action="store_true", help="only print the tables and redraw, from --results")
     args = parser.parse_args(argv)
     results = json.load(open(args.results)) if os.path.isfile(args.results) else {"tables": {}, "curves": {}}
     if not args.tables:
@@ -198,11 +193,7 @@ def main(argv=None) -> dict:
                 results["curves"][table][name] = curves
         if args.trl:
             results["trl"] = trl_gap(args.trl, args.output_dir, args.steps, args.device)
-        with open(args.results, "w") as f:
-            json.dump(results, f, indent=1)
-    print(tables(results))
-    draw(results, args.picture)
-    return results
+    return experiments.finish(results, args, tables, draw)
 
 
 if __name__ == "__main__":

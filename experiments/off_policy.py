@@ -29,12 +29,11 @@ on score and fluency, a harder setting is run too, the same grid at --lr 6e-4 (t
 --tiny's), with `--harder`; if it degrades, --tiny's own setting is the table.
 """
 
-import argparse
 import json
 import os
 import statistics
 
-from experiments import finish
+import experiments
 from experiments.objectives import fmt, kl_to_reference, run
 
 STALENESS = (0, 1, 2, 4, 8)
@@ -98,15 +97,10 @@ def draw(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser = experiments.parser(__doc__, "off-policy")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--staleness", nargs="+", type=int, default=list(STALENESS))
     parser.add_argument("--harder", action="store_true", help=f"also the grid at {HARDER} (the docstring says when)")
-    parser.add_argument("--output-dir", default="runs/off-policy")
-    parser.add_argument("--results", default="docs/off-policy.json")
-    parser.add_argument("--picture", default="docs/off-policy.png")
-    parser.add_argument("--tables", action="store_true", help="only print the table and redraw, from --results")
     args = parser.parse_args(argv)
     if args.tables:
         results = json.load(open(args.results))
@@ -123,7 +117,7 @@ def main(argv=None) -> dict:
                                                               {**flags, **extra, "staleness": k}, args.steps, "cpu"), k),
                                                 kl_end=kl_to_reference(os.path.join(folder, f"seed{seed}"), seed),
                                                 seed=seed) for seed in args.seeds]  # fmt: skip
-    return finish(results, args, tables, draw)
+    return experiments.finish(results, args, tables, draw)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ counted), Cover@τ, and from each run's log the held-out pass@1 every 5 steps, t
 response length per step.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import statistics
 import torch
 
 import config
-from experiments import finish
+import experiments
 import loading
 import ppo_rlhf
 import tiny
@@ -151,17 +150,12 @@ def draw(results: dict, picture: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = experiments.parser(__doc__, "verifiable")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--problems", type=int, default=100, help="held-out problems for pass@k")
     parser.add_argument("-n", type=int, default=512, help="samples per problem (n ≥ 2k for k ≤ 256)")
-    parser.add_argument("--output-dir", default="runs/verifiable")
-    parser.add_argument("--results", default="docs/verifiable.json")
-    parser.add_argument("--picture", default="docs/verifiable.png")
-    parser.add_argument("--tables", action="store_true", help="print the tables and redraw from --results")
     args = parser.parse_args(argv)
-    return finish(json.load(open(args.results)) if args.tables else run(args), args, tables, draw)
+    return experiments.finish(json.load(open(args.results)) if args.tables else run(args), args, tables, draw)
 
 
 if __name__ == "__main__":
